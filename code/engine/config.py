@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 __all__ = ["TrainConfig"]
 
@@ -39,12 +39,12 @@ class TrainConfig:
     consistency_rampup: float = 200.0
     consistency_interval: int = 150  # the weight ramp advances once every this many iterations (t // 150)
     mc_passes: int = 8  # T
-    mc_chunk: int = 0  # teacher passes run together (0 = all T at once; smaller bounds memory)
+    mc_chunk: int = 2  # teacher passes per forward, as released (0 = all T at once: faster, more memory)
     noise_std: float = 0.1
     noise_clip: float = 0.2
     threshold_start: float = 0.75  # tau(t) = (start + (end - start) * rampup(t, threshold_rampup)) * ln 2
     threshold_end: float = 1.0
-    threshold_rampup: Optional[int] = None  # None: max_iterations (as released)
+    threshold_rampup: int | None = None  # None: max_iterations (as released)
     sdf_k: float = 1500.0
     beta: float = 0.75  # paper variant: beta * seg consistency + (1 - beta) * SDF consistency
     # run control

@@ -1,0 +1,40 @@
+"""Training methods: each is a loss over the same batch, student and teacher; the loop is shared.
+
+``METHODS`` maps the ``--method`` names to their classes (a plain dict: no registry, no lookup magic).
+UG-MCL and the baselines of the paper's Table 4: supervised only, Mean Teacher, UA-MT, entropy minimisation,
+DTC and URPC.
+"""
+
+from __future__ import annotations
+
+from methods.base import Batch, Method
+from methods.dtc import DTC
+from methods.entropy_min import EntropyMinimization
+from methods.mean_teacher import MeanTeacher
+from methods.supervised import Supervised
+from methods.uamt import UAMT
+from methods.ugmcl import UGMCL
+from methods.urpc import URPC
+
+METHODS: dict[str, type[Method]] = {
+    "ugmcl": UGMCL,
+    "supervised": Supervised,
+    "mean_teacher": MeanTeacher,
+    "uamt": UAMT,
+    "entropy_min": EntropyMinimization,
+    "dtc": DTC,
+    "urpc": URPC,
+}
+
+__all__ = [
+    "DTC",
+    "METHODS",
+    "UAMT",
+    "UGMCL",
+    "URPC",
+    "Batch",
+    "EntropyMinimization",
+    "MeanTeacher",
+    "Method",
+    "Supervised",
+]

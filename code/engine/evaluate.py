@@ -1,0 +1,580 @@
+"""Test-set evaluation: sliding-window prediction of every case, per-case metrics, summary, NIfTI outputs.
+
+``evaluate`` is what ``test_3D_dt.py`` runs (and the training demo after training). For each case listed in
+``<root>/<split>.txt`` it reads ``<root>/data/<case>.h5``, predicts the label map with the sliding window of SPEC
+section 4 (:mod:`utils.sliding_window`), optionally keeps the largest connected component, scores it against the
+label with :func:`utils.metrics.case_metrics` (prediction first, ground truth second) and, when an output folder
+is given, writes:
+
+- ``metrics.csv``: one row per case: ``case, dice, jaccard, hd95, asd, assd, empty_pred, empty_gt, seconds``;
+- ``summary.json``: mean and std of each metric over the cases (NaNs excluded and counted), the empty-mask counts
+  and the configuration of the run;
+- ``<case>_pred.nii.gz`` (uint8), ``<case>_img.nii.gz`` (float32), ``<case>_gt.nii.gz`` (uint8), and with MC
+  uncertainty ``<case>_unc.nii.gz`` (float32), all on the stored (cropped) grid with its voxel-to-world affine;
+- with ``native=True``, ``<case>_pred_native.nii.gz`` in the original scan's grid and affine.
+
+Every file is written atomically, and nothing else in the folder is touched: the released script deleted the
+whole output folder first. The released script also saved its NIfTIs with an identity affine, losing the crop
+offset; here the affine comes from the geometry attributes that ``dataloaders.preprocess`` stores in each h5.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Union
+
+import h5py
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from tqdm import tqdm
+
+from dataloaders.brats2019 import BraTS2019
+from dataloaders.preprocess import read_case_h5, restore_to_original
+from utils.atomic import atomic_path, atomic_write_text
+from utils.metrics import METRIC_NAMES, case_metrics, summarise
+from utils.sliding_window import sliding_window_probabilities
+
+__all__ = [
+    "CSV_COLUMNS",
+    "CaseFileError",
+    "EvaluationResult",
+    "check_case_file",
+    "evaluate",
+    "format_summary_table",
+    "keep_largest_component",
+    "predict_case",
+    "read_case",
+    "save_nifti",
+    "stored_geometry",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CSV_COLUMNS: tuple[str, ...] = ("case", *METRIC_NAMES, "empty_pred", "empty_gt", "seconds")
+"""Columns of ``metrics.csv``, in order."""
+
+_BACKENDS = {"ours": "fast", "fast": "fast", "medpy": "medpy"}
+_GEOMETRY_KEYS = ("original_shape", "original_affine", "bbox_start", "bbox_stop_exclusive", "shape")
+
+
+class CaseFileError(ValueError):
+    """A case file that cannot be read as ``image`` + ``label`` HDF5; the message names the file."""
+
+
+class EvaluationResult(NamedTuple):
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        rows: one dict per case with the keys of :data:`CSV_COLUMNS`.
+        summary: the content of ``summary.json`` (NaN written as null there, kept as NaN here).
+        out_dir: the output folder, or None when nothing was written.
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def check_case_file(path: PathLike) -> None:
+    """Check, without reading the arrays, that ``path`` is an HDF5 file with ``image`` and ``label`` datasets.
+
+    Run over all cases before the first prediction, so a corrupt file 50 cases in fails the run at once.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CaseFileError: if it is not readable HDF5, lacks a dataset, or the spatial shapes differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"case file {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            image, label = f.get("image"), f.get("label")
+            if not isinstance(image, h5py.Dataset) or not isinstance(label, h5py.Dataset):
+                found = sorted(f.keys())
+                raise CaseFileError(f"{path} must hold datasets 'image' and 'label', found {found}")
+            if image.ndim not in (3, 4) or image.shape[-3:] != label.shape[-3:]:
+                raise CaseFileError(
+                    f"{path}: image {image.shape} and label {label.shape} must share a 3-D spatial shape"
+                )
+    except CaseFileError:
+        raise
+    except Exception as err:  # h5py raises OSError for non-HDF5 / truncated files, sometimes others
+        raise CaseFileError(
+            f"{path} is not a readable HDF5 case file ({type(err).__name__}: {_one_line(err)})"
+        ) from None
+
+
+def read_case(path: PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(image, label, attrs)`` of one case file; any reader error becomes a one-line :class:`CaseFileError`.
+
+    Returns:
+        ``image`` (D, H, W) or (C, D, H, W) float32, ``label`` (D, H, W) (or (K, D, H, W)), and the file's
+        attributes (empty for files without geometry, such as the published BraTS2019 h5 data).
+
+    Raises:
+        CaseFileError: naming ``path``.
+    """
+    check_case_file(path)
+    try:
+        image, label, attrs = read_case_h5(path)
+    except Exception as err:  # e.g. a chunk that fails to decompress
+        raise CaseFileError(f"{path}: cannot read the arrays ({type(err).__name__}: {_one_line(err)})") from None
+    return np.asarray(image, dtype=np.float32), np.asarray(label), attrs
+
+
+def stored_geometry(attrs: Mapping[str, Any], shape: Sequence[int]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Voxel-to-world affine (4x4) and voxel size of the stored (cropped, maybe resampled) arrays of a case.
+
+    In order of preference:
+
+    1. the ``affine`` attribute written by ``dataloaders.preprocess.preprocess_case`` (crop offset, axis order
+       and resampling already folded in);
+    2. ``original_affine`` and ``bbox_start`` (plus ``bbox_stop_exclusive`` when the stored grid was resampled):
+       the original affine shifted by the crop offset, ``A_orig @ [[diag(f), start + (f - 1) / 2], [0, 1]]`` with
+       ``f = box size / stored size`` per axis (``f = 1`` without resampling; voxel edges aligned);
+    3. nothing stored (the published h5 data): ``diag(s, s, s, 1)`` with ``s`` the ``spacing`` attribute if
+       present, else 1 mm (SPEC section 1: the BraTS data is 1 mm).
+
+    Args:
+        attrs: the case file's attributes.
+        shape: spatial shape (D, H, W) of the stored arrays.
+
+    Returns:
+        ``(affine, spacing)``, spacing being the column norms of the affine's 3x3 part.
+    """
+    shape = tuple(int(s) for s in shape)
+    if "affine" in attrs:
+        affine = np.asarray(attrs["affine"], dtype=np.float64).reshape(4, 4)
+    elif "original_affine" in attrs and "bbox_start" in attrs:
+        start = np.asarray(attrs["bbox_start"], dtype=np.float64)
+        if "bbox_stop_exclusive" in attrs:
+            box = np.asarray(attrs["bbox_stop_exclusive"], dtype=np.float64) - start
+            factor = box / np.asarray(shape, dtype=np.float64)
+        else:
+            factor = np.ones(3)
+        to_original = np.eye(4)
+        to_original[:3, :3] = np.diag(factor)
+        to_original[:3, 3] = start + (factor - 1.0) / 2.0
+        affine = np.asarray(attrs["original_affine"], dtype=np.float64).reshape(4, 4) @ to_original
+    else:
+        spacing = np.broadcast_to(np.asarray(attrs.get("spacing", 1.0), dtype=np.float64).reshape(-1), (3,))
+        affine = np.diag([*spacing, 1.0])
+    spacing_out = np.linalg.norm(affine[:3, :3], axis=0)
+    return affine, (float(spacing_out[0]), float(spacing_out[1]), float(spacing_out[2]))
+
+
+# ------------------------------------------------------------------------------------------------ predicting
+
+
+def predict_case(
+    net: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    patch_size: int | Sequence[int] = (96, 96, 96),
+    stride_xy: int = 64,
+    stride_z: int = 64,
+    sw_batch: int = 1,
+    blend: str = "uniform",
+    tta: bool = False,
+    mc_passes: int = 0,
+    amp: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Label map, optional MC-dropout uncertainty and class probabilities of one volume.
+
+    The label map is ``argmax`` of the deterministic (eval-mode) sliding-window softmax, so the scores do not
+    depend on whether uncertainty is asked for. With ``mc_passes = T > 0`` a second sliding-window run with the
+    dropout layers on gives ``U = -sum_c p_bar_c log(p_bar_c + 1e-6)`` of the mean of T softmax maps
+    (:func:`utils.sliding_window.sliding_window_probabilities`).
+
+    Args:
+        net: segmentation network returning logits or a tuple ending with them (``unet_3D_dt``).
+        image: (D, H, W) or (C, D, H, W).
+        patch_size: window (pd, ph, pw). Default (96, 96, 96).
+        stride_xy: stride on the first two axes. Default 64.
+        stride_z: stride on the last axis. Default 64.
+        sw_batch: windows per forward. Default 1.
+        blend: ``"uniform"`` (default, released) or ``"gaussian"``.
+        tta: average over the 8 mirrorings of the spatial axes (both runs). Default False.
+        mc_passes: T; 0 (default) = no uncertainty.
+        amp: mixed precision (see the sliding window). Default False.
+        device: where to run; default the network's device.
+
+    Returns:
+        ``(labels, uncertainty, probabilities)``: (D, H, W) uint8; (D, H, W) float32 or None; (K, D, H, W)
+        float32 numpy arrays.
+    """
+    common = dict(
+        patch=patch_size,
+        stride_xy=stride_xy,
+        stride_z=stride_z,
+        blend=blend,
+        batch_size=sw_batch,
+        tta_flip=tta,
+        amp=amp,
+        device=device,
+    )
+    probabilities, _ = sliding_window_probabilities(net, image, mc_passes=0, **common)  # type: ignore[arg-type]
+    labels = torch.argmax(probabilities, dim=0).to(torch.uint8).cpu().numpy()
+    uncertainty = None
+    if mc_passes > 0:
+        _, unc = sliding_window_probabilities(net, image, mc_passes=mc_passes, **common)  # type: ignore[arg-type]
+        uncertainty = unc.float().cpu().numpy() if unc is not None else None
+    return labels, uncertainty, probabilities.cpu().numpy()
+
+
+def keep_largest_component(labels: np.ndarray, connectivity: int = 3) -> np.ndarray:
+    """Keep only the largest connected component of the foreground (``labels > 0``); other voxels become 0.
+
+    Components come from ``scipy.ndimage.label`` with ``generate_binary_structure(3, connectivity)``:
+    ``connectivity=3`` (default) joins voxels sharing a face, edge or corner (26-neighbourhood), 1 only faces
+    (6-neighbourhood). Of equally large components the one ``ndimage.label`` numbers first is kept. Class values
+    inside the kept component are unchanged; an empty foreground is returned as is.
+
+    Args:
+        labels: (D, H, W) label map (any integer or bool dtype).
+        connectivity: 1, 2 or 3.
+
+    Returns:
+        A new array of ``labels``' shape and dtype.
+
+    Raises:
+        ValueError: if ``labels`` is not 3-D or ``connectivity`` is not 1, 2 or 3.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (D, H, W), found shape {labels.shape}")
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1, 2 or 3, found {connectivity!r}")
+    components, count = ndimage.label(labels > 0, structure=ndimage.generate_binary_structure(3, connectivity))
+    if count <= 1:
+        return labels.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0  # background
+    keep = components == int(np.argmax(sizes))
+    return np.where(keep, labels, np.zeros((), dtype=labels.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def save_nifti(path: PathLike, array: np.ndarray, affine: np.ndarray, dtype: Any = None) -> Path:
+    """Write ``array`` as a NIfTI-1 file with ``affine`` (qform and sform, code 1 = scanner), units mm, atomically.
+
+    Args:
+        path: target, ``.nii.gz`` or ``.nii``.
+        array: (X, Y, Z) or (X, Y, Z, C) in voxel order.
+        affine: 4x4 voxel-to-world matrix; the header's voxel sizes follow from it.
+        dtype: on-disk data type (default: the array's).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".nii.gz"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
+def _channels_last(image: np.ndarray) -> np.ndarray:
+    """(C, D, H, W) -> (D, H, W, C) for NIfTI; 3-D arrays unchanged."""
+    return np.moveaxis(image, 0, -1) if image.ndim == 4 else image
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_value(row[column]) for column in CSV_COLUMNS])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(float(value))
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists, paths -> str (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+_TABLE_ROWS = (
+    ("dice", "Dice (%)", 100.0),
+    ("jaccard", "Jaccard (%)", 100.0),
+    ("hd95", "HD95 (mm)", 1.0),
+    ("asd", "ASD (mm)", 1.0),
+    ("assd", "ASSD (mm)", 1.0),
+)
+
+
+def format_summary_table(summary: Mapping[str, Any]) -> str:
+    """The mean +- std table printed at the end of a run (Dice and Jaccard in %, distances in mm = voxels at 1 mm).
+
+    Args:
+        summary: :func:`evaluate`'s summary (its ``"metrics"`` entry holds ``mean``, ``std``, ``n_nan`` per metric).
+    """
+    metrics = summary["metrics"]
+    lines = [f"{'metric':<12} {'mean':>8}    {'std':>7}  {'NaN':>4}"]
+    for key, name, scale in _TABLE_ROWS:
+        if key not in metrics:
+            continue
+        mean, std = metrics[key]["mean"], metrics[key]["std"]
+        mean = math.nan if mean is None else mean * scale
+        std = math.nan if std is None else std * scale
+        lines.append(f"{name:<12} {mean:>8.2f} +- {std:>7.2f}  {metrics[key]['n_nan']:>4d}")
+    lines.append(
+        f"{summary['n_cases']} cases; empty prediction: {summary['n_empty_pred']}, empty label: {summary['n_empty_gt']}"
+        " (surface distances of a case with an empty mask are NaN and left out of their mean)"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    net: nn.Module,
+    root_path: PathLike,
+    out_dir: PathLike | None = None,
+    *,
+    split: str = "test",
+    patch_size: int | Sequence[int] = (96, 96, 96),
+    stride_xy: int = 64,
+    stride_z: int = 64,
+    sw_batch: int = 1,
+    blend: str = "uniform",
+    tta: bool = False,
+    mc_passes: int = 0,
+    amp: bool = False,
+    device: torch.device | str | None = None,
+    lcc: bool = False,
+    native: bool = False,
+    metric_backend: str = "fast",
+    save_nifti_files: bool = True,
+    overlay_png: bool = False,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """Predict and score every case of ``<root_path>/<split>.txt``; write the results into ``out_dir``.
+
+    The label map of each case comes from :func:`predict_case`; the foreground ``pred > 0`` is scored against
+    ``label > 0`` (channel 0 of a multi-channel label) with :func:`utils.metrics.case_metrics` in the voxel size of
+    :func:`stored_geometry` (1 mm = voxels for the published data). Empty predictions or labels never stop the run:
+    their Dice/Jaccard follow ``utils.metrics`` (1 both empty, 0 one empty) and their surface distances are NaN,
+    left out of the means and counted (``n_nan`` per metric, ``n_empty_pred``, ``n_empty_gt``).
+
+    Args:
+        net: the network, moved to ``device`` when one is given.
+        root_path: dataset folder with ``<split>.txt`` and ``data/<case>.h5``.
+        out_dir: output folder (created; only the files named in the module docstring are written, existing
+            files with other names are never touched). None writes nothing.
+        split: split list name. Default ``"test"``.
+        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp: see :func:`predict_case`.
+        device: where to run; default the network's device.
+        lcc: keep only the largest connected foreground component (:func:`keep_largest_component`). Default False.
+        native: also write ``<case>_pred_native.nii.gz`` in the original scan's grid and affine
+            (``dataloaders.preprocess.restore_to_original``); cases whose file lacks the geometry attributes are
+            skipped with a note and counted (``n_native_skipped``).
+        metric_backend: ``"fast"`` (alias ``"ours"``, default) or ``"medpy"``.
+        save_nifti_files: write the per-case NIfTI files (False: metrics only). Default True.
+        overlay_png: also write ``<case>_overlay.png`` (``utils.visualize.save_overlay_png``). Default False.
+        config: the run's settings, stored under ``"config"`` in ``summary.json`` (the arguments of this call are
+            stored there too).
+        progress: show a tqdm bar per case on stderr. Default True.
+        log: where notes go (default: a line on stderr).
+
+    Returns:
+        :class:`EvaluationResult`.
+
+    Raises:
+        FileNotFoundError: if the split list or a listed case file is missing.
+        CaseFileError: for a case file that is not readable ``image``/``label`` HDF5 (checked for all cases
+            before the first prediction).
+        ValueError: for invalid options (checked before any prediction).
+    """
+    log = log if log is not None else (lambda message: print(message, file=sys.stderr))
+    backend = _BACKENDS.get(str(metric_backend))
+    if backend is None:
+        raise ValueError(f"metric_backend must be one of {sorted(_BACKENDS)}, found {metric_backend!r}")
+    patch = _as_patch(patch_size)
+    for name, stride, sides in (("stride_xy", stride_xy, patch[:2]), ("stride_z", stride_z, patch[2:])):
+        if not isinstance(stride, (int, np.integer)) or stride < 1 or stride > min(sides):
+            raise ValueError(f"{name} must be an int between 1 and the patch side {min(sides)}, found {stride!r}")
+    if blend not in ("uniform", "gaussian"):
+        raise ValueError(f"blend must be 'uniform' or 'gaussian', found {blend!r}")
+    if not isinstance(mc_passes, (int, np.integer)) or mc_passes < 0:
+        raise ValueError(f"mc_passes must be an int >= 0 (0 = no uncertainty), found {mc_passes!r}")
+    if not isinstance(sw_batch, (int, np.integer)) or sw_batch < 1:
+        raise ValueError(f"sw_batch must be a positive int, found {sw_batch!r}")
+
+    if device is not None:
+        device = torch.device(device)
+        net.to(device)
+    dataset = BraTS2019(root_path, split=split)  # checks the split list and that every case file exists
+    names = list(dataset.image_list)
+    if not names:
+        raise ValueError(f"{Path(root_path) / (split + '.txt')} lists no case")
+    for name in names:
+        check_case_file(dataset.path_of(name))
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "root_path": os.fspath(root_path),
+        "split": split,
+        "patch_size": list(patch),
+        "stride_xy": stride_xy,
+        "stride_z": stride_z,
+        "sw_batch": sw_batch,
+        "blend": blend,
+        "tta": tta,
+        "mc_passes": mc_passes,
+        "amp": amp,
+        "device": str(device if device is not None else _net_device(net)),
+        "lcc": lcc,
+        "native": native,
+        "metric_backend": backend,
+        "save_nifti": save_nifti_files,
+    }
+    rows: list[dict[str, Any]] = []
+    native_skipped: list[str] = []
+    started = time.perf_counter()
+    bar = tqdm(names, desc=f"test ({split})", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        path = dataset.path_of(name)
+        image, label, attrs = read_case(path)
+        gt = label[0] if label.ndim == 4 else label
+        affine, spacing = stored_geometry(attrs, gt.shape)
+
+        tic = time.perf_counter()
+        pred, uncertainty, _ = predict_case(
+            net, image, patch, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device
+        )
+        if lcc:
+            pred = keep_largest_component(pred)
+        seconds = time.perf_counter() - tic
+
+        row: dict[str, Any] = {"case": name}
+        row.update(case_metrics(pred > 0, gt > 0, spacing=spacing, metric_backend=backend))  # (pred, gt) order
+        row["seconds"] = round(seconds, 3)
+        rows.append(row)
+        bar.set_postfix(dice=f"{row['dice']:.4f}")
+
+        if out is None:
+            continue
+        if save_nifti_files:
+            save_nifti(out / f"{name}_pred.nii.gz", pred, affine, np.uint8)
+            save_nifti(out / f"{name}_img.nii.gz", _channels_last(image), affine, np.float32)
+            save_nifti(out / f"{name}_gt.nii.gz", _channels_last(label), affine, np.uint8)
+            if uncertainty is not None:
+                save_nifti(out / f"{name}_unc.nii.gz", uncertainty, affine, np.float32)
+        if native:
+            if all(key in attrs for key in _GEOMETRY_KEYS):
+                restored = restore_to_original(pred, attrs)
+                save_nifti(out / f"{name}_pred_native.nii.gz", restored, attrs["original_affine"], np.uint8)
+            else:
+                native_skipped.append(name)
+        if overlay_png:
+            from utils.visualize import save_overlay_png
+
+            save_overlay_png(
+                out / f"{name}_overlay.png",
+                image,
+                gt,
+                pred,
+                uncertainty,
+                title=f"{name}  Dice {row['dice'] * 100:.2f} %",
+            )
+    bar.close()
+    if native_skipped:
+        log(
+            f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
+            f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py"
+        )
+
+    flat = summarise(rows)
+    summary: dict[str, Any] = {
+        "n_cases": flat["n_cases"],
+        "metrics": {
+            metric: {
+                "mean": flat[f"{metric}_mean"],
+                "std": flat[f"{metric}_std"],
+                "n_nan": flat[f"n_nan_{metric}"],
+            }
+            for metric in METRIC_NAMES
+        },
+        "n_empty_pred": flat.get("n_empty_pred", 0),
+        "n_empty_gt": flat.get("n_empty_gt", 0),
+        "n_native_skipped": len(native_skipped),
+        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm"},
+        "definitions": (
+            "metrics of (prediction, ground truth) in that order; HD95 pools both directed surface-distance sets "
+            "(medpy); ASD is directed prediction -> ground truth, ASSD symmetric; a case with an empty prediction "
+            "or label has NaN surface distances, excluded from the mean and counted in n_nan"
+        ),
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "config": {**settings, **dict(config or {})},
+    }
+    if out is not None:
+        _write_csv(out / "metrics.csv", rows)
+        atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    return EvaluationResult(rows, summary, out)
+
+
+def _as_patch(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
+    values = (patch_size,) * 3 if isinstance(patch_size, (int, np.integer)) else tuple(patch_size)
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in values):
+        raise ValueError(f"patch_size must be three positive ints, found {patch_size!r}")
+    return int(values[0]), int(values[1]), int(values[2])
+
+
+def _net_device(net: nn.Module) -> torch.device:
+    parameter = next(net.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _one_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,183 @@
+"""DTC: dual-task consistency (Luo et al., AAAI 2021; HiLab-git/DTC ``train_la_dtc.py``), paper Table 4.
+
+No teacher. A dual-task student ``(d, z) = f(x)`` predicts a signed distance map d (tanh output, negative inside)
+and segmentation logits z; the mask implied by d must agree with p = softmax(z). On the labelled rows l, with
+sdf_gt the ground-truth SDF (``utils.sdf``, DTC convention; channel c of d is regressed to the SDF of
+``label == c``, a one-channel head to the foreground SDF):
+
+    L_sup  = 0.5 * (CE(z_l, y) + Dice(p_l[:, 1], y)) + sdf_weight * mean((d_l - sdf_gt)^2)
+    L_dtc  = mean((sigmoid(-k d) - p)^2)          over the rows R (whole batch as released), unmasked
+    L      = L_sup + w(t) * L_dtc
+
+Differences from the released DTC, which is one-class with a sigmoid output: the segmentation here is two-class
+(softmax), so that it runs with ``vnet_dt`` like UG-MCL's paper variant (not with ``unet_3D_dt``, whose distance
+output is tanh of its logits: see :class:`DTC`), and the supervised part adds the cross entropy (DTC computes it
+but leaves it out of its loss, ``Dice + 0.3 * L_sdf``). ``sdf_weight`` is DTC's ``--beta`` (0.3); k = 1500
+(``sdf_k``); the weight ramp is the shared one (``consistency``, ``consistency_rampup``, ``consistency_interval``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Batch, Method
+from methods.supervised import check_consistency_options, consistency_rows, floats_for_log, row_slice
+from methods.ugmcl import ground_truth_sdf
+from networks.unet_3D import unet_3D_dt
+from utils.losses import ce_loss, cross_task_consistency, dice_loss, sdf_regression_loss, sdf_to_mask
+from utils.ramps import consistency_weight
+
+__all__ = ["DTC", "dtc_objective"]
+
+Term = Union[Tensor, float]
+_RELEASED_ROWS = "all"
+_NUM_CLASSES = 2
+
+
+def _check_dual(dis: Tensor, logits: Tensor) -> None:
+    if logits.dim() < 3 or logits.shape[1] != _NUM_CLASSES:
+        raise ValueError(f"logits must be (B, {_NUM_CLASSES}, D, H, W) (DTC is two-class), found {tuple(logits.shape)}")
+    if (
+        dis.dim() != logits.dim()
+        or dis.shape[0] != logits.shape[0]
+        or dis.shape[2:] != logits.shape[2:]
+        or dis.shape[1] not in (1, _NUM_CLASSES)
+    ):
+        raise ValueError(
+            f"dis {tuple(dis.shape)} must be (B, 1 or {_NUM_CLASSES}, D, H, W) like logits {tuple(logits.shape)}"
+        )
+
+
+def dtc_objective(
+    dis: Tensor,
+    logits: Tensor,
+    label: Tensor,
+    labeled_bs: int,
+    step: int,
+    *,
+    rows: str = _RELEASED_ROWS,
+    sdf_weight: float = 0.3,
+    sdf_k: float = 1500.0,
+    consistency: float = 0.1,
+    consistency_rampup: float = 200.0,
+    consistency_interval: int = 150,
+    gt_sdf: Tensor | None = None,
+) -> dict[str, Term]:
+    """Every term of the DTC loss (module docstring).
+
+    Args:
+        dis: d, (B, 2, D, H, W) or (B, 1, D, H, W), with gradient.
+        logits: z, (B, 2, D, H, W), with gradient.
+        label: y, (B, D, H, W) int64 in {0, 1}; only rows ``:labeled_bs`` are read.
+        labeled_bs: number of labelled rows at the start of the batch.
+        step: the 0-based iteration t.
+        rows: R of the dual-task consistency, ``"all"`` (released) or ``"unlabeled"``.
+        sdf_weight: weight of the SDF regression (DTC's beta, 0.3).
+        sdf_k: k in sigmoid(-k d) (1500).
+        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        gt_sdf: ground-truth SDF of the labelled rows, shaped like ``dis[:labeled_bs]``; computed from ``label``
+            when ``None``.
+    Returns:
+        tensors ``loss``, ``supervised_loss``, ``loss_ce``, ``loss_dice``, ``loss_sdf``, ``consistency_dist``
+        (L_dtc), ``consistency_loss`` (w L_dtc); float ``consistency_weight``.
+    Raises:
+        ValueError: for mismatched shapes, an invalid ``labeled_bs`` or ``rows``.
+    """
+    _check_dual(dis, logits)
+    sel = row_slice(logits.shape[0], labeled_bs, rows)
+    dis, logits = dis.float(), logits.float()
+    lb = labeled_bs
+    if gt_sdf is None:
+        gt_sdf = ground_truth_sdf(label[:lb], dis.shape[1])
+    terms: dict[str, Term] = {}
+    terms["loss_ce"] = ce_loss(logits[:lb], label[:lb])
+    terms["loss_dice"] = dice_loss(torch.softmax(logits[:lb], dim=1)[:, 1], label[:lb] == 1)
+    terms["loss_sdf"] = sdf_regression_loss(dis[:lb], gt_sdf)
+    terms["supervised_loss"] = 0.5 * (terms["loss_ce"] + terms["loss_dice"]) + sdf_weight * terms["loss_sdf"]
+    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    terms["consistency_weight"] = weight
+    terms["consistency_dist"] = cross_task_consistency(dis[sel], logits[sel], sdf_k)
+    terms["consistency_loss"] = weight * terms["consistency_dist"]
+    terms["loss"] = terms["supervised_loss"] + terms["consistency_loss"]
+    return terms
+
+
+class DTC(Method):
+    """Dual-task consistency; hyper-parameters from ``engine.config.TrainConfig``.
+
+    Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``sdf_k``, ``num_classes`` (must be 2),
+    and the optional ``dtc_sdf_weight`` (default 0.3) and ``consistency_rows`` (default ``"released"``).
+
+    Args:
+        student: dual-task network returning ``(dis, logits)`` with a separate SDF head (``vnet_dt``).
+            ``unet_3D_dt`` is refused: its distance output is tanh of its logits, so regressing it to the SDF
+            (negative inside class c) would push z_c down where the cross entropy pushes it up.
+        cfg: the training configuration.
+    Raises:
+        ValueError: for an invalid option or a ``unet_3D_dt`` student; at the first step, if the network does not
+            return ``(dis, logits)``.
+    """
+
+    name = "dtc"
+    uses_unlabeled = True
+    logged = ("supervised_loss", "loss_ce", "loss_dice", "loss_sdf", "consistency_dist", "consistency_loss",
+              "consistency_weight")
+
+    def __init__(self, student: nn.Module, cfg: Any) -> None:
+        super().__init__(student, cfg)
+        if isinstance(student, unet_3D_dt):
+            # Its "distance" output is tanh(z): regressing it to the SDF (negative inside class c) pushes z_c down
+            # where the cross entropy pushes it up, so the two supervised terms would fight.
+            raise ValueError(
+                "--method dtc needs a network with a separate SDF head such as --model vnet_dt; unet_3D_dt's distance "
+                "output is tanh of its own logits, which the SDF regression would drive against the segmentation"
+            )
+        check_consistency_options(cfg)
+        if cfg.num_classes != _NUM_CLASSES:
+            raise ValueError(
+                f"DTC is two-class (background/foreground): num_classes must be 2, found {cfg.num_classes}"
+            )
+        self.sdf_weight = float(getattr(cfg, "dtc_sdf_weight", 0.3))
+        if not math.isfinite(self.sdf_weight) or self.sdf_weight < 0:
+            raise ValueError(f"dtc_sdf_weight must be a number >= 0, but found {self.sdf_weight}")
+        if not math.isfinite(cfg.sdf_k) or cfg.sdf_k <= 0:
+            raise ValueError(f"sdf_k must be a positive number, but found {cfg.sdf_k}")
+        self.rows = consistency_rows(cfg, _RELEASED_ROWS)
+        self._last_dis_mask: Tensor | None = None
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Student forward on the whole batch, ground-truth SDF of the labelled rows, the objective."""
+        cfg = self.cfg
+        output = self.student(batch.image)
+        if not (isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output)):
+            found = f"a {type(output).__name__} of length {len(output)}" if isinstance(output, (tuple, list)) else (
+                type(output).__name__
+            )
+            raise ValueError(
+                "--method dtc needs a dual-task --model returning (dis, logits) with a separate SDF head, such as "
+                f"vnet_dt; the network returned {found}"
+            )
+        dis, logits = output
+        terms = dtc_objective(
+            dis,
+            logits,
+            batch.label,
+            batch.labeled_bs,
+            step,
+            rows=self.rows,
+            sdf_weight=self.sdf_weight,
+            sdf_k=cfg.sdf_k,
+            consistency=cfg.consistency,
+            consistency_rampup=cfg.consistency_rampup,
+            consistency_interval=cfg.consistency_interval,
+        )
+        self._last_dis_mask = sdf_to_mask(dis[0, -1].detach().float(), cfg.sdf_k)
+        return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]
+
+    def images_to_log(self) -> dict[str, Tensor]:
+        """The last step's foreground mask implied by the SDF, sigmoid(-k d), of sample 0, (D, H, W)."""
+        return {} if self._last_dis_mask is None else {"dis_to_mask": self._last_dis_mask}

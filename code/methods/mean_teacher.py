@@ -1,0 +1,165 @@
+"""Mean Teacher (Tarvainen & Valpola 2017) as in SSL4MIS ``train_mean_teacher_3D`` (paper Table 4).
+
+An EMA teacher of the student (``utils.ema``) sees the input plus clipped Gaussian noise and stays in train mode
+(dropout on), as released. With z the student's logits, q = softmax of the teacher's logits on
+x + clamp(sigma N(0, 1), -c, c), and R the consistency rows:
+
+    L = 0.5 * (CE(z_l, y) + Dice_C(softmax(z_l), y)) + w(t) * mean_R((softmax(z) - q)^2)
+    w(t) = consistency * sigmoid_rampup(t // consistency_interval, consistency_rampup)
+
+R is the unlabelled rows in SSL4MIS (``consistency_rows="released"`` or ``"unlabeled"``); ``"all"`` uses the whole
+batch, as UG-MCL does for its own consistency. The teacher runs on the rows of R only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Batch, Method
+from methods.supervised import (
+    DiceMode,
+    check_consistency_options,
+    consistency_rows,
+    floats_for_log,
+    row_slice,
+    segmentation_logits,
+    supervised_terms,
+)
+from utils.ema import create_ema_teacher, update_ema
+from utils.losses import softmax_mse
+from utils.ramps import consistency_weight
+
+__all__ = ["MeanTeacher", "mean_teacher_objective"]
+
+Term = Union[Tensor, float]
+_RELEASED_ROWS = "unlabeled"
+
+
+def mean_teacher_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    label: Tensor,
+    labeled_bs: int,
+    step: int,
+    *,
+    rows: str = _RELEASED_ROWS,
+    consistency: float = 0.1,
+    consistency_rampup: float = 200.0,
+    consistency_interval: int = 150,
+    dice: DiceMode = "classes",
+) -> dict[str, Term]:
+    """Every term of the Mean Teacher loss (module docstring).
+
+    Args:
+        student_logits: z, (B, C, D, H, W), with gradient.
+        teacher_logits: the teacher's logits on the noisy rows R, (|R|, C, D, H, W).
+        label: y, (B, D, H, W) int64; only rows ``:labeled_bs`` are read.
+        labeled_bs: number of labelled rows at the start of the batch.
+        step: the 0-based iteration t.
+        rows: R, ``"unlabeled"`` (rows ``labeled_bs:``, SSL4MIS) or ``"all"``.
+        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        dice: the Dice of the supervised part (``methods.supervised.supervised_terms``).
+    Returns:
+        tensors ``loss``, ``supervised_loss``, ``loss_ce``, ``loss_dice``, ``consistency_dist`` (the mean squared
+        gap), ``consistency_loss`` (w times it); float ``consistency_weight``.
+    Raises:
+        ValueError: for mismatched shapes, an invalid ``labeled_bs`` or ``rows``.
+    """
+    sel = row_slice(student_logits.shape[0], labeled_bs, rows)
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    terms: dict[str, Term] = dict(supervised_terms(student_logits[:labeled_bs], label[:labeled_bs], dice))
+    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    terms["consistency_weight"] = weight
+    terms["consistency_dist"] = torch.mean(softmax_mse(student_logits[sel], teacher_logits))
+    terms["consistency_loss"] = weight * terms["consistency_dist"]
+    terms["loss"] = terms["supervised_loss"] + terms["consistency_loss"]
+    return terms
+
+
+class MeanTeacher(Method):
+    """Mean Teacher with the EMA teacher kept in train mode; hyper-parameters from ``engine.config.TrainConfig``.
+
+    Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``ema_decay``, ``noise_std``,
+    ``noise_clip``, ``num_classes`` and the optional ``consistency_rows`` (default ``"released"``).
+    The network returns logits (``unet_3D``, ``vnet``) or ``(dis, logits)`` (``unet_3D_dt``: the logits are used).
+
+    Args:
+        student: the network being trained.
+        cfg: the training configuration.
+        generator: optional RNG for the teacher's input noise (default: the global RNG).
+    Raises:
+        ValueError: for an invalid option; at the first step, for a network output of another form.
+    """
+
+    name = "mean_teacher"
+    uses_unlabeled = True
+    released_rows = _RELEASED_ROWS
+    logged: tuple[str, ...] = ("supervised_loss", "loss_ce", "loss_dice", "consistency_dist", "consistency_loss",
+                               "consistency_weight")
+
+    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg)
+        check_consistency_options(cfg)
+        if not 0.0 <= cfg.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], but found {cfg.ema_decay}")
+        if cfg.noise_std < 0 or cfg.noise_clip < 0:
+            raise ValueError(f"noise_std and noise_clip must be >= 0, but found {cfg.noise_std} and {cfg.noise_clip}")
+        self.rows = consistency_rows(cfg, self.released_rows)
+        self.generator = generator
+        self.teacher = create_ema_teacher(student)
+        self.teacher.train()
+
+    def _noisy(self, image: Tensor) -> Tensor:
+        """x + clamp(sigma * N(0, 1), -c, c)."""
+        device = self.generator.device if self.generator is not None else image.device
+        noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
+        return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
+
+    def _prepare_teacher(self, image: Tensor) -> None:
+        """Follow the batch's device (if the student moved after construction); keep dropout on."""
+        param = next(self.teacher.parameters(), None)
+        if param is not None and param.device != image.device:
+            self.teacher.to(image.device)
+        self.teacher.train()
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Student forward on the batch, one noisy teacher pass on the consistency rows, the objective."""
+        cfg = self.cfg
+        self._prepare_teacher(batch.image)
+        sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
+        student_logits = segmentation_logits(self.student(batch.image), self.name)
+        with torch.no_grad():
+            teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
+        terms = mean_teacher_objective(
+            student_logits,
+            teacher_logits,
+            batch.label,
+            batch.labeled_bs,
+            step,
+            rows=self.rows,
+            consistency=cfg.consistency,
+            consistency_rampup=cfg.consistency_rampup,
+            consistency_interval=cfg.consistency_interval,
+        )
+        return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update of the teacher: alpha = min(1 - 1/(step + 1), ema_decay)."""
+        update_ema(self.teacher, self.student, step, self.cfg.ema_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"teacher": teacher.state_dict()}``."""
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the teacher saved by :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``state`` holds no ``"teacher"`` entry.
+        """
+        if "teacher" not in state:
+            raise KeyError(f"{self.name} state needs a 'teacher' entry, but found keys {sorted(state)}")
+        self.teacher.load_state_dict(state["teacher"])

@@ -1,0 +1,192 @@
+"""Supervised-only baseline (paper Table 4; SSL4MIS ``train_fully_supervised_3D``) and the baselines' shared helpers.
+
+Only the labelled rows count; with ``uses_unlabeled = False`` the loop feeds batches of ``labeled_bs`` labelled
+patches. With z the segmentation logits of the labelled rows, p = softmax(z), y the labels:
+
+    L = 0.5 * (CE(z, y) + Dice_C(p, y)),   Dice_C = (1/C) sum_c Dice(p_c, 1[y = c])
+
+``Dice_C`` is SSL4MIS's ``DiceLoss(C)`` (every class, background included, each pooled over the batch); the UA-MT /
+UG-MCL / DTC code uses the foreground term ``Dice(p_1, 1[y = 1])`` alone (``dice="foreground"``).
+
+Shared helpers: :func:`segmentation_logits` (the logits of a single-output or dual-task network, or a clear
+error), :func:`supervised_terms`, :func:`consistency_rows` (which rows an unsupervised term covers),
+:func:`check_consistency_options` and :func:`floats_for_log`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Batch, Method
+from utils.losses import ce_loss, dice_loss, multiclass_dice_loss
+
+__all__ = [
+    "CONSISTENCY_ROWS",
+    "DiceMode",
+    "Supervised",
+    "check_consistency_options",
+    "consistency_rows",
+    "floats_for_log",
+    "row_slice",
+    "segmentation_logits",
+    "supervised_objective",
+    "supervised_terms",
+]
+
+DiceMode = Literal["classes", "foreground"]
+CONSISTENCY_ROWS: tuple[str, ...] = ("released", "all", "unlabeled")
+"""Values of the ``consistency_rows`` option: ``"released"`` (the method's reference code), ``"all"`` (whole batch)
+or ``"unlabeled"`` (rows ``labeled_bs:`` only)."""
+
+Term = Union[Tensor, float]
+
+
+def segmentation_logits(output: Any, method: str) -> Tensor:
+    """The segmentation logits of a network output: the tensor itself, or z of a dual-task ``(dis, z)``.
+
+    Args:
+        output: what the network returned.
+        method: the ``--method`` name, for the error message.
+    Raises:
+        ValueError: for any other output form (e.g. the four maps of ``unet_3D_ds``).
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output):
+        return output[1]
+    found = f"a {type(output).__name__} of length {len(output)}" if isinstance(output, (tuple, list)) else type(
+        output
+    ).__name__
+    hint = " (unet_3D_ds is for --method urpc)" if isinstance(output, (tuple, list)) and len(output) > 2 else ""
+    raise ValueError(
+        f"--method {method} needs a --model returning logits or (dis, logits), such as unet_3D, unet_3D_dt, vnet "
+        f"or vnet_dt; the network returned {found}{hint}"
+    )
+
+
+def row_slice(batch: int, labeled_bs: int, rows: str) -> slice:
+    """The rows an unsupervised term covers: ``"all"`` -> ``[0, B)``, ``"unlabeled"`` -> ``[labeled_bs, B)``.
+
+    Raises:
+        ValueError: for another value of ``rows``, ``labeled_bs`` outside [1, B], or no unlabelled row.
+    """
+    if not 1 <= labeled_bs <= batch:
+        raise ValueError(f"labeled_bs must be in [1, {batch}] for a batch of {batch}, but found {labeled_bs}")
+    if rows == "all":
+        return slice(0, batch)
+    if rows == "unlabeled":
+        if labeled_bs == batch:
+            raise ValueError(f"rows='unlabeled' needs unlabelled rows, but all {batch} rows of the batch are labelled")
+        return slice(labeled_bs, batch)
+    raise ValueError(f"rows must be 'all' or 'unlabeled', but found {rows!r}")
+
+
+def consistency_rows(cfg: Any, released: str) -> str:
+    """Resolve the ``consistency_rows`` option (``"released"`` -> the method's reference choice ``released``)."""
+    rows = getattr(cfg, "consistency_rows", "released")
+    if rows not in CONSISTENCY_ROWS:
+        raise ValueError(f"consistency_rows must be one of {CONSISTENCY_ROWS}, but found {rows!r}")
+    return released if rows == "released" else rows
+
+
+def check_consistency_options(cfg: Any) -> None:
+    """Refuse invalid consistency-weight options before the first iteration.
+
+    Raises:
+        ValueError: naming the option and the value found.
+    """
+    if cfg.num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, but found {cfg.num_classes}")
+    if cfg.consistency_interval < 1:
+        raise ValueError(f"consistency_interval must be >= 1, but found {cfg.consistency_interval}")
+    if cfg.consistency_rampup < 0:
+        raise ValueError(f"consistency_rampup must be >= 0, but found {cfg.consistency_rampup}")
+    consistency_rows(cfg, "all")
+
+
+def supervised_terms(logits: Tensor, label: Tensor, dice: DiceMode = "classes") -> dict[str, Tensor]:
+    """CE and Dice of labelled logits: ``loss_ce``, ``loss_dice`` and ``supervised_loss = 0.5 (CE + Dice)``.
+
+    Args:
+        logits: z of the labelled rows, (B_l, C, D, H, W); computed in float32.
+        label: y, (B_l, D, H, W) integer.
+        dice: ``"classes"`` (mean Dice over the C classes, SSL4MIS) or ``"foreground"`` (class 1 only, UA-MT).
+    Raises:
+        ValueError: for mismatched shapes or an unknown ``dice``.
+    """
+    if dice not in ("classes", "foreground"):
+        raise ValueError(f"dice must be 'classes' or 'foreground', but found {dice!r}")
+    logits = logits.float()
+    prob = torch.softmax(logits, dim=1)
+    loss_ce = ce_loss(logits, label)
+    if dice == "classes":
+        loss_dice = multiclass_dice_loss(prob, label)
+    else:
+        loss_dice = dice_loss(prob[:, 1], label == 1)
+    return {"loss_ce": loss_ce, "loss_dice": loss_dice, "supervised_loss": 0.5 * (loss_ce + loss_dice)}
+
+
+def supervised_objective(logits: Tensor, label: Tensor, labeled_bs: int, dice: DiceMode = "classes") -> dict[str, Term]:
+    """The supervised-only loss on the first ``labeled_bs`` rows (module docstring).
+
+    Args:
+        logits: z, (B, C, D, H, W).
+        label: y, (B, D, H, W) int64; rows ``labeled_bs:`` are not read.
+        labeled_bs: number of labelled rows at the start of the batch.
+        dice: see :func:`supervised_terms`.
+    Returns:
+        ``loss`` (= ``supervised_loss``), ``supervised_loss``, ``loss_ce``, ``loss_dice``.
+    Raises:
+        ValueError: for an invalid shape, ``labeled_bs`` or ``dice``.
+    """
+    row_slice(logits.shape[0], labeled_bs, "all")  # checks labeled_bs
+    terms: dict[str, Term] = dict(supervised_terms(logits[:labeled_bs], label[:labeled_bs], dice))
+    terms["loss"] = terms["supervised_loss"]
+    return terms
+
+
+def floats_for_log(terms: dict[str, Term], names: tuple[str, ...]) -> dict[str, float]:
+    """The named scalar terms as floats, read with a single device synchronisation."""
+    present = [n for n in names if n in terms]
+    tensors = [n for n in present if isinstance(terms[n], Tensor)]
+    logs: dict[str, float] = {}
+    if tensors:
+        stacked = torch.stack([terms[n].detach().float().reshape(()) for n in tensors])  # type: ignore[union-attr]
+        values = stacked.tolist()
+        logs.update(zip(tensors, values))
+    logs.update({n: float(terms[n]) for n in present if n not in logs})
+    return {n: logs[n] for n in present}
+
+
+class Supervised(Method):
+    """Supervised-only training on the labelled patches (the lower bound of paper Table 4).
+
+    Works with single-output networks (``unet_3D``, ``vnet``) and dual-task ones (``unet_3D_dt``, ``vnet_dt``: the
+    segmentation logits are used, the distance output is ignored). Reads ``num_classes`` from the config.
+
+    Args:
+        student: the network.
+        cfg: the training configuration.
+    Raises:
+        ValueError: if ``num_classes`` < 2; at the first step, if the network's output is neither logits nor
+            ``(dis, logits)``.
+    """
+
+    name = "supervised"
+    uses_unlabeled = False
+
+    def __init__(self, student: nn.Module, cfg: Any) -> None:
+        super().__init__(student, cfg)
+        if cfg.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, but found {cfg.num_classes}")
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Student forward on the labelled rows only, then 0.5 (CE + Dice)."""
+        lb = batch.labeled_bs
+        logits = segmentation_logits(self.student(batch.image[:lb]), self.name)
+        terms = supervised_objective(logits, batch.label[:lb], lb)
+        logs = floats_for_log(terms, ("supervised_loss", "loss_ce", "loss_dice"))
+        return terms["loss"], logs  # type: ignore[return-value]

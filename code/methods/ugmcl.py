@@ -1,0 +1,386 @@
+"""UG-MCL: uncertainty-guided mutual consistency learning (Zhang et al., AIIM 2022; SPEC section 3).
+
+A dual-task student ``(d, z) = f(x)`` (tanh "distance" output d, segmentation logits z) and its EMA teacher.
+Per iteration, with the first ``labeled_bs`` rows labelled, p = softmax(z), q = the teacher's softmax on one
+noisy pass, U the teacher's Monte-Carlo uncertainty (``utils.uncertainty``):
+
+    L_sup   = 0.5 * (CE(z_l, y) + Dice(p_l[:, 1], y) + Dice(sigmoid(-k d_l)[:, 1], y))
+    w(t)    = consistency * sigmoid_rampup(t // interval, consistency_rampup)
+    tau(t)  = (start + (end - start) * sigmoid_rampup(t, threshold_rampup)) * ln 2,   M = 1[U < tau(t)]
+    L_intra = 0.5 * sum(M (p - q)^2) / (2 sum(M) + 1e-16)             (whole batch)
+    L_cross = mean((sigmoid(-k d) - p)^2)                               (whole batch, unmasked)
+    L       = L_sup + w(t) * L_intra + w(t) * L_cross
+
+Variant ``"released"`` (default) is exactly the published code, ``d = tanh(z)``. Variant ``"paper"`` follows the
+paper: the student has a separate SDF head (``VNet_dt``), and
+
+* the supervised part adds ``L_sdf = mean((d_l - sdf_gt)^2)``, weight 1, outside the 0.5: channel c of d is
+  regressed to the ground-truth SDF of ``label == c`` (``utils.sdf``, DTC convention); a one-channel head is
+  regressed to the foreground SDF;
+* ``L_intra = 0.5 * (beta * S_seg + (1 - beta) * S_sdf)`` with S_seg = sum(M (p - q)^2) / (2 sum(M) + 1e-16)
+  (the released term before its 0.5) and S_sdf the same masked mean of ``(d - d_teacher)^2`` over the
+  teacher's SDF output on the same noisy pass, same mask M. With beta = 1 this is the released term.
+
+Both variants assume a two-class (background / foreground) segmentation, as the paper and the code do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union, cast
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Batch, Method
+from utils.ema import create_ema_teacher, update_ema
+from utils.losses import (
+    ce_loss,
+    cross_task_consistency,
+    dice_loss,
+    masked_consistency,
+    sdf_regression_loss,
+    sdf_to_mask,
+    softmax_mse,
+)
+from utils.ramps import consistency_weight
+from utils.sdf import compute_sdf_torch
+from utils.uncertainty import mc_dropout_uncertainty, uncertainty_threshold
+
+__all__ = ["UGMCL", "VARIANTS", "Variant", "ground_truth_sdf", "ugmcl_objective"]
+
+Variant = Literal["released", "paper"]
+VARIANTS: tuple[str, ...] = ("released", "paper")
+_NUM_CLASSES = 2
+
+Term = Union[Tensor, float]
+
+
+def ground_truth_sdf(label: Tensor, channels: int) -> Tensor:
+    """Ground-truth SDF targets for an SDF head with ``channels`` outputs.
+
+    Args:
+        label: (B, D, H, W) integer labels in {0, 1}.
+        channels: 1 (foreground SDF only) or 2 (channel c = SDF of ``label == c``).
+    Returns:
+        (B, channels, D, H, W) float32 on the label's device, in [-1, 1] (``utils.sdf.compute_sdf``).
+    Raises:
+        ValueError: if ``channels`` is not 1 or 2.
+    """
+    if channels == 1:
+        return compute_sdf_torch(label == 1).unsqueeze(1)
+    if channels == _NUM_CLASSES:
+        return torch.stack([compute_sdf_torch(label == c) for c in range(channels)], dim=1)
+    raise ValueError(f"an SDF head must have 1 or {_NUM_CLASSES} channels, but found {channels}")
+
+
+def _check_inputs(
+    student_dis: Tensor,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    uncertainty: Tensor,
+    label: Tensor,
+    labeled_bs: int,
+    variant: str,
+    beta: float,
+    teacher_dis: Tensor | None,
+) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, but found {variant!r}")
+    if student_logits.dim() < 3 or student_logits.shape[1] != _NUM_CLASSES:
+        raise ValueError(
+            f"student_logits must be (B, {_NUM_CLASSES}, D, H, W) (UG-MCL is two-class), "
+            f"but found {tuple(student_logits.shape)}"
+        )
+    batch, spatial = student_logits.shape[0], student_logits.shape[2:]
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits {tuple(student_logits.shape)}"
+        )
+    dis_channels = (_NUM_CLASSES,) if variant == "released" else (1, _NUM_CLASSES)
+    if (
+        student_dis.dim() != student_logits.dim()
+        or student_dis.shape[0] != batch
+        or student_dis.shape[2:] != spatial
+        or student_dis.shape[1] not in dis_channels
+    ):
+        raise ValueError(
+            f"student_dis {tuple(student_dis.shape)} must be (B, C, D, H, W) with C in {dis_channels} for variant "
+            f"{variant!r} and match student_logits {tuple(student_logits.shape)}"
+        )
+    if uncertainty.shape != (batch, 1, *spatial):
+        raise ValueError(f"uncertainty must be {(batch, 1, *spatial)}, but found {tuple(uncertainty.shape)}")
+    if label.shape != (batch, *spatial):
+        raise ValueError(f"label must be {(batch, *spatial)}, but found {tuple(label.shape)}")
+    if not 1 <= labeled_bs <= batch:
+        raise ValueError(f"labeled_bs must be in [1, {batch}], but found {labeled_bs}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], but found {beta}")
+    if variant == "paper" and (teacher_dis is None or teacher_dis.shape != student_dis.shape):
+        found = None if teacher_dis is None else tuple(teacher_dis.shape)
+        raise ValueError(f"variant 'paper' needs teacher_dis of shape {tuple(student_dis.shape)}, but found {found}")
+
+
+def ugmcl_objective(
+    student_dis: Tensor,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    uncertainty: Tensor,
+    label: Tensor,
+    labeled_bs: int,
+    step: int,
+    *,
+    threshold_rampup: float,
+    consistency: float = 0.1,
+    consistency_rampup: float = 200.0,
+    consistency_interval: int = 150,
+    threshold_start: float = 0.75,
+    threshold_end: float = 1.0,
+    sdf_k: float = 1500.0,
+    variant: Variant = "released",
+    beta: float = 0.75,
+    teacher_dis: Tensor | None = None,
+    gt_sdf: Tensor | None = None,
+) -> dict[str, Term]:
+    """Every term of the UG-MCL loss for one batch (equations in the module docstring).
+
+    Args:
+        student_dis: d, (B, 2, D, H, W); ``tanh(z)`` in the released network. Variant ``"paper"``: the SDF
+            head's output, (B, 2, D, H, W) or (B, 1, D, H, W).
+        student_logits: z, (B, 2, D, H, W), with gradient.
+        teacher_logits: the teacher's logits on one noisy pass, (B, 2, D, H, W) (the consistency target).
+        uncertainty: U, (B, 1, D, H, W), from ``utils.uncertainty``.
+        label: y, (B, D, H, W) int64 in {0, 1}; only the first ``labeled_bs`` rows are read.
+        labeled_bs: number of labelled rows at the start of the batch (>= 1).
+        step: the 0-based iteration t.
+        threshold_rampup: L of the threshold ramp (``max_iterations`` as released).
+        consistency: final consistency weight (0.1).
+        consistency_rampup: weight ramp length in units of ``consistency_interval`` iterations (200).
+        consistency_interval: iterations per weight-ramp step (150).
+        threshold_start: tau(0) / ln 2 before the ramp factor (0.75).
+        threshold_end: tau at the end of the ramp / ln 2 (1.0).
+        sdf_k: k of the SDF-to-mask transform sigmoid(-k d) (1500).
+        variant: ``"released"`` or ``"paper"``.
+        beta: paper variant: weight of the segmentation consistency in the intra-task term (0.75).
+        teacher_dis: paper variant: the teacher's SDF output on the same noisy pass, shaped like ``student_dis``.
+        gt_sdf: paper variant: ground-truth SDF of the labelled rows, (labeled_bs, C_dis, D, H, W); computed from
+            ``label`` with :func:`ground_truth_sdf` when ``None``.
+    Returns:
+        dict with tensors ``loss`` (the scalar to back-propagate), ``supervised_loss``, ``loss_seg`` (CE),
+        ``loss_seg_dice``, ``loss_dis_dice``, ``uncertainty``, ``mask`` (B, 1, D, H, W) float,
+        ``consistency_dist`` (L_intra), ``consistency_loss`` (w * L_intra), ``cross_task_dist`` (L_cross),
+        ``cross_task_loss`` (w * L_cross); floats ``consistency_weight`` and ``threshold``; variant ``"paper"``
+        adds ``loss_sdf``, ``seg_consistency_dist`` and ``sdf_consistency_dist``.
+    Raises:
+        ValueError: if a shape, ``labeled_bs``, ``variant`` or ``beta`` is invalid.
+    """
+    _check_inputs(
+        student_dis, student_logits, teacher_logits, uncertainty, label, labeled_bs, variant, beta, teacher_dis
+    )
+    # Float32 throughout, also under autocast: sigmoid(-1500 d) and the small consistency terms need the precision.
+    student_dis, student_logits, teacher_logits = student_dis.float(), student_logits.float(), teacher_logits.float()
+    teacher_dis = None if teacher_dis is None else teacher_dis.float()
+    lb = labeled_bs
+    fg = student_dis.shape[1] - 1  # the foreground channel of d: 1 of 2, or the only one
+    target = label[:lb] == 1
+    prob = torch.softmax(student_logits, dim=1)
+    dis_to_mask = sdf_to_mask(student_dis, sdf_k)
+
+    terms: dict[str, Term] = {}
+    terms["loss_seg"] = ce_loss(student_logits[:lb], label[:lb])
+    terms["loss_seg_dice"] = dice_loss(prob[:lb, 1], target)
+    terms["loss_dis_dice"] = dice_loss(dis_to_mask[:lb, fg], target)
+    supervised = 0.5 * (terms["loss_seg"] + terms["loss_seg_dice"] + terms["loss_dis_dice"])
+    if variant == "paper":
+        if gt_sdf is None:
+            gt_sdf = ground_truth_sdf(label[:lb], student_dis.shape[1])
+        terms["loss_sdf"] = sdf_regression_loss(student_dis[:lb], gt_sdf)
+        supervised = supervised + terms["loss_sdf"]
+    terms["supervised_loss"] = supervised
+
+    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, _NUM_CLASSES)
+    mask = (uncertainty < threshold).to(student_logits.dtype)
+    terms["consistency_weight"] = weight
+    terms["threshold"] = threshold
+    terms["uncertainty"] = uncertainty
+    terms["mask"] = mask
+
+    seg_dist = masked_consistency(softmax_mse(student_logits, teacher_logits), mask)
+    if variant == "paper":
+        sdf_dist = masked_consistency((student_dis - cast(Tensor, teacher_dis)) ** 2, mask)  # checked above
+        terms["seg_consistency_dist"] = seg_dist
+        terms["sdf_consistency_dist"] = sdf_dist
+        terms["consistency_dist"] = 0.5 * (beta * seg_dist + (1.0 - beta) * sdf_dist)
+    else:
+        terms["consistency_dist"] = 0.5 * seg_dist
+    terms["consistency_loss"] = weight * terms["consistency_dist"]
+
+    terms["cross_task_dist"] = cross_task_consistency(student_dis, student_logits, sdf_k)
+    terms["cross_task_loss"] = weight * terms["cross_task_dist"]
+    terms["loss"] = supervised + terms["consistency_loss"] + terms["cross_task_loss"]
+    return terms
+
+
+def _dual_output(output: Any, who: str) -> tuple[Tensor, Tensor]:
+    """``(dis, logits)`` of a dual-task network's output, or a clear error."""
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise ValueError(
+            f"UG-MCL needs a dual-task network returning (dis, logits) such as unet_3D_dt or VNet_dt; the {who} "
+            f"returned {type(output).__name__}"
+            + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
+        )
+    return output[0], output[1]
+
+
+_LOGGED = (
+    "loss",
+    "supervised_loss",
+    "loss_seg",
+    "loss_seg_dice",
+    "loss_dis_dice",
+    "loss_sdf",
+    "consistency_dist",
+    "seg_consistency_dist",
+    "sdf_consistency_dist",
+    "consistency_loss",
+    "cross_task_dist",
+    "cross_task_loss",
+)
+
+
+class UGMCL(Method):
+    """UG-MCL with an EMA teacher; hyper-parameters from ``engine.config.TrainConfig``.
+
+    Reads ``variant``, ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``mc_passes``,
+    ``mc_chunk``, ``noise_std``, ``noise_clip``, ``threshold_start``, ``threshold_end``, ``threshold_rampup``
+    (``None``: ``max_iterations``), ``sdf_k``, ``ema_decay``, ``beta`` and ``num_classes`` (must be 2).
+
+    The teacher is created here as a copy of the student and stays in train mode (dropout on), as released.
+    It follows the student to the batch's device on the first step if the student was moved after this
+    constructor ran.
+
+    Args:
+        student: dual-task network returning ``(dis, logits)`` (``unet_3D_dt``; ``VNet_dt`` for the paper variant).
+        cfg: the training configuration.
+        generator: optional RNG for the teacher's input noise (default: the global RNG).
+    Raises:
+        ValueError: for an invalid option or combination.
+    """
+
+    name = "ugmcl"
+    uses_unlabeled = True
+
+    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg)
+        _check_config(cfg)
+        self.generator = generator
+        self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
+        self.teacher = create_ema_teacher(student)
+        self.teacher.train()
+        self._last_uncertainty: Tensor | None = None
+
+    def _noisy(self, image: Tensor) -> Tensor:
+        """x + clamp(sigma * N(0, 1), -c, c)."""
+        device = self.generator.device if self.generator is not None else image.device
+        noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
+        return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Student forward, one noisy teacher pass (target), T noisy passes (uncertainty), the objective."""
+        cfg = self.cfg
+        image, label = batch.image, batch.label
+        teacher_param = next(self.teacher.parameters(), None)
+        if teacher_param is not None and teacher_param.device != image.device:
+            self.teacher.to(image.device)
+        self.teacher.train()
+
+        student_dis, student_logits = _dual_output(self.student(image), "student")
+        with torch.no_grad():
+            teacher_dis, teacher_logits = _dual_output(self.teacher(self._noisy(image)), "teacher")
+        uncertainty, _ = mc_dropout_uncertainty(
+            self.teacher,
+            image,
+            passes=cfg.mc_passes,
+            noise_std=cfg.noise_std,
+            noise_clip=cfg.noise_clip,
+            chunk=cfg.mc_chunk,
+            generator=self.generator,
+        )
+        terms = ugmcl_objective(
+            student_dis,
+            student_logits,
+            teacher_logits,
+            uncertainty,
+            label,
+            batch.labeled_bs,
+            step,
+            threshold_rampup=self.threshold_rampup,
+            consistency=cfg.consistency,
+            consistency_rampup=cfg.consistency_rampup,
+            consistency_interval=cfg.consistency_interval,
+            threshold_start=cfg.threshold_start,
+            threshold_end=cfg.threshold_end,
+            sdf_k=cfg.sdf_k,
+            variant=cfg.variant,
+            beta=cfg.beta,
+            teacher_dis=teacher_dis if cfg.variant == "paper" else None,
+        )
+        self._last_uncertainty = uncertainty[0, 0].detach()
+
+        names = [k for k in _LOGGED if k in terms]
+        values = [terms[k].detach().float() for k in names]  # type: ignore[union-attr]
+        names += ["mask_ratio", "uncertainty_mean"]
+        values += [terms["mask"].mean().float(), uncertainty.mean().float()]  # type: ignore[union-attr]
+        logs = dict(zip(names, torch.stack(values).tolist()))  # one device sync for all
+        logs["consistency_weight"] = float(terms["consistency_weight"])
+        logs["threshold"] = float(terms["threshold"])
+        return terms["loss"], logs  # type: ignore[return-value]
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update of the teacher: alpha = min(1 - 1/(step + 1), ema_decay)."""
+        update_ema(self.teacher, self.student, step, self.cfg.ema_decay)
+
+    def images_to_log(self) -> dict[str, Tensor]:
+        """The last step's uncertainty U of sample 0, (D, H, W)."""
+        return {} if self._last_uncertainty is None else {"uncertainty": self._last_uncertainty}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"teacher": teacher.state_dict()}``."""
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the teacher saved by :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``state`` holds no ``"teacher"`` entry.
+        """
+        if "teacher" not in state:
+            raise KeyError(f"UG-MCL state needs a 'teacher' entry, but found keys {sorted(state)}")
+        self.teacher.load_state_dict(state["teacher"])
+
+
+def _check_config(cfg: Any) -> None:
+    """Refuse invalid UG-MCL options before the first iteration."""
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, but found {cfg.variant!r}")
+    if cfg.num_classes != _NUM_CLASSES:
+        raise ValueError(f"UG-MCL is two-class (background/foreground): num_classes must be 2, found {cfg.num_classes}")
+    if cfg.mc_passes < 1:
+        raise ValueError(f"mc_passes must be >= 1, but found {cfg.mc_passes}")
+    if cfg.mc_chunk < 0:
+        raise ValueError(f"mc_chunk must be >= 0 (0 = all passes at once), but found {cfg.mc_chunk}")
+    if cfg.noise_std < 0 or cfg.noise_clip < 0:
+        raise ValueError(f"noise_std and noise_clip must be >= 0, but found {cfg.noise_std} and {cfg.noise_clip}")
+    if cfg.consistency_interval < 1:
+        raise ValueError(f"consistency_interval must be >= 1, but found {cfg.consistency_interval}")
+    if cfg.consistency_rampup < 0:
+        raise ValueError(f"consistency_rampup must be >= 0, but found {cfg.consistency_rampup}")
+    if cfg.threshold_rampup is not None and cfg.threshold_rampup < 0:
+        raise ValueError(f"threshold_rampup must be >= 0 or None (= max_iterations), but found {cfg.threshold_rampup}")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], but found {cfg.ema_decay}")
+    if not 0.0 <= cfg.beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], but found {cfg.beta}")
+    if not math.isfinite(cfg.sdf_k) or cfg.sdf_k <= 0:
+        raise ValueError(f"sdf_k must be a positive number, but found {cfg.sdf_k}")

@@ -1,0 +1,407 @@
+"""Segment the whole tumour in new FLAIR scans that were never preprocessed, in the scan's own space.
+
+Run from ``code/``::
+
+    python predict.py --input BraTS19_XYZ_1/ --output xyz_seg.nii.gz --pretrained 50
+    python predict.py --input flair.nii.gz --output seg.nii.gz --checkpoint my.pth --uncertainty unc.nii.gz --tta
+
+``--input`` is a BraTS-layout case folder (its ``*_flair.nii[.gz]`` is used) or one FLAIR NIfTI of any size and
+orientation. The scan goes through the training preprocessing (SPEC section 1) on the way in and every step is
+undone on the way out:
+
+1. reorient to the axes the BraTS data is stored in (voxel axes pointing L, P, S, as the released 240x240x155
+   files) by flips and axis permutations only (``nibabel.orientations``; exact, no interpolation);
+2. crop to the bounding box of the nonzero voxels; clip above the 99.9th percentile and z-score with the brain
+   voxels (``dataloaders.preprocess.normalise_intensity``);
+3. resample to ``--spacing`` mm (default 1, the training grid; linear) when the voxels differ from it;
+4. sliding-window prediction (``engine.evaluate.predict_case``); with resampling, the class probabilities are
+   resampled back (linear) before the argmax;
+5. paste into the uncropped grid, undo the reorientation, and save with the input's affine and its qform/sform.
+
+The segmentation is written as uint8 (0 background, 1 tumour), the optional uncertainty (entropy of the mean
+MC-dropout softmax, ``--mc_passes`` passes) as float32, both in the input's voxel grid, so they overlay on the
+input in ITK-SNAP or 3D Slicer. Files are written atomically. Exit status: 0 on success, 1 on a missing or
+unreadable input, a folder without FLAIR, a missing or unfitting checkpoint (one line on stderr), 2 on bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataloaders.preprocess import nonzero_bbox, normalise_intensity
+from engine.evaluate import keep_largest_component, predict_case
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from utils.atomic import atomic_path
+from utils.checkpoint import (
+    PUBLISHED_CHECKPOINTS,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_weights,
+    published_checkpoint_path,
+)
+from utils.device import get_device
+
+__all__ = [
+    "TRAINING_AXCODES",
+    "InputError",
+    "Segmentation",
+    "find_flair",
+    "load_flair",
+    "main",
+    "segment_volume",
+    "write_like",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+TRAINING_AXCODES: tuple[str, str, str] = ("L", "P", "S")
+"""Where the voxel axes of the BraTS files (and so of the training arrays) point: x to the left, y posterior,
+z superior (``nibabel.aff2axcodes`` of the released 240x240x155 volumes)."""
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_SPACING_RTOL = 1e-3
+
+
+class InputError(ValueError):
+    """A problem with the input scan or folder; the message names the path."""
+
+
+class Segmentation(NamedTuple):
+    """What :func:`segment_volume` returns, both in the input's voxel grid.
+
+    Attributes:
+        labels: (X, Y, Z) uint8 class map (0 background).
+        uncertainty: (X, Y, Z) float32 entropy map (0 outside the brain box), or None.
+    """
+
+    labels: np.ndarray
+    uncertainty: np.ndarray | None
+
+
+# ---------------------------------------------------------------------------------------------------- input
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def find_flair(path: PathLike) -> Path:
+    """The FLAIR file to segment: ``path`` itself, or the one ``*flair*.nii[.gz]`` file in a case folder.
+
+    In a folder, ``<folder name>_flair.nii[.gz]`` (BraTS naming) is preferred; otherwise exactly one file whose name
+    contains ``flair`` (any case) must be there.
+
+    Raises:
+        InputError: if ``path`` does not exist, is a file that is not ``.nii``/``.nii.gz``, or a folder without
+            exactly one FLAIR NIfTI.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    if path.is_file():
+        if not _is_nifti(path):
+            raise InputError(f"input {path} is not a NIfTI file (.nii or .nii.gz)")
+        return path
+    niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+    for suffix in _NIFTI_SUFFIXES:
+        preferred = path / f"{path.name}_flair{suffix}"
+        if preferred.is_file():
+            return preferred
+    flairs = [p for p in niftis if "flair" in p.name.lower()]
+    if len(flairs) == 1:
+        return flairs[0]
+    if not flairs:
+        found = ", ".join(p.name for p in niftis[:6]) or "no NIfTI file"
+        raise InputError(f"no FLAIR NIfTI (*flair*.nii.gz) in folder {path}; found {found}")
+    raise InputError(f"folder {path} holds several FLAIR files ({', '.join(p.name for p in flairs)}); pass one")
+
+
+def load_flair(path: PathLike) -> tuple[Any, np.ndarray]:
+    """Read a 3-D NIfTI: ``(nibabel image, float32 (X, Y, Z) data)``; a trailing axis of length 1 is dropped.
+
+    Raises:
+        InputError: if nibabel cannot read it, it is not 3-D, holds NaN/inf, or is all zero.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel, gzip, zlib and OS errors all mean "cannot read this file"
+        raise InputError(f"cannot read {path} as NIfTI ({type(err).__name__}: {_one_line(err)})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path} must be a 3-D volume, found shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path} holds {int(np.count_nonzero(~np.isfinite(data)))} NaN/inf voxels")
+    if not np.any(data):
+        raise InputError(f"{path} is all zero: nothing to segment")
+    return image, data
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def _orientation_transforms(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(to training axes, back to the input's axes) as nibabel orientation transforms."""
+    from nibabel import orientations
+
+    current = orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    target = orientations.axcodes2ornt(TRAINING_AXCODES)
+    return orientations.ornt_transform(current, target), orientations.ornt_transform(target, current)
+
+
+def _apply_orientation(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Flip/permute the last three axes of ``array`` (any leading axes kept); returns a contiguous copy."""
+    from nibabel import orientations
+
+    lead = array.ndim - 3
+    if lead == 0:
+        return np.ascontiguousarray(orientations.apply_orientation(array, transform))
+    moved = np.moveaxis(array, tuple(range(lead)), tuple(range(-lead, 0)))
+    out = orientations.apply_orientation(moved, transform)
+    return np.ascontiguousarray(np.moveaxis(out, tuple(range(-lead, 0)), tuple(range(lead))))
+
+
+def _resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample the last three axes to ``shape``, voxel edges aligned (``scipy.ndimage.zoom(grid_mode=True)``)."""
+    from scipy import ndimage
+
+    shape = tuple(int(s) for s in shape)
+    if tuple(array.shape[-3:]) == shape:
+        return array
+    factors = (1.0,) * (array.ndim - 3) + tuple(n / o for n, o in zip(shape, array.shape[-3:]))
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    if tuple(out.shape[-3:]) != shape:
+        raise RuntimeError(f"resampling gave shape {out.shape[-3:]}, expected {shape}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- prediction
+
+
+def segment_volume(
+    net: nn.Module,
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    spacing: float | None = 1.0,
+    patch_size: Sequence[int] = (96, 96, 96),
+    stride_xy: int = 64,
+    stride_z: int = 64,
+    sw_batch: int = 1,
+    blend: str = "uniform",
+    tta: bool = False,
+    mc_passes: int = 0,
+    amp: bool = False,
+    lcc: bool = False,
+    device: torch.device | str | None = None,
+) -> Segmentation:
+    """Segment a raw FLAIR volume and return the result in the volume's own voxel grid.
+
+    See the module docstring for the steps. A voxel outside the nonzero bounding box is background (uncertainty 0).
+
+    Args:
+        net: segmentation network (logits or a tuple ending with them), e.g. ``unet_3D_dt``.
+        data: (X, Y, Z) raw intensities in the file's voxel order; 0 = outside the (skull-stripped) brain.
+        affine: its 4x4 voxel-to-world matrix (any orientation, any voxel size).
+        spacing: isotropic grid in mm the network works on (default 1.0, the BraTS grid); None keeps the
+            input's voxels. Voxels within 0.1 % of it are not resampled.
+        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device: see
+            :func:`engine.evaluate.predict_case`.
+        lcc: keep only the largest connected tumour component. Default False.
+
+    Returns:
+        :class:`Segmentation` with arrays of ``data``'s shape.
+
+    Raises:
+        ValueError: if ``data`` is not 3-D or all zero, ``affine`` is not 4x4, or ``spacing`` is not positive.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    affine = np.asarray(affine, dtype=np.float64)
+    if data.ndim != 3:
+        raise ValueError(f"data must be (X, Y, Z), found shape {data.shape}")
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    if spacing is not None and not spacing > 0:
+        raise ValueError(f"spacing must be a positive number of mm or None, found {spacing!r}")
+    to_training, to_input = _orientation_transforms(affine)
+    oriented = _apply_orientation(data, to_training)
+    voxel_size = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(to_training[:, 0])]  # sizes along the new axes
+
+    bbox = nonzero_bbox(oriented)
+    box = tuple(slice(a, b) for a, b in bbox)
+    image = normalise_intensity(oriented[box])
+    cropped_shape = image.shape
+    resample = spacing is not None and not np.allclose(voxel_size, spacing, rtol=_SPACING_RTOL, atol=0)
+    if resample:
+        grid_shape = tuple(max(1, round(n * s / spacing)) for n, s in zip(cropped_shape, voxel_size))
+        image = _resize(image, grid_shape, order=1).astype(np.float32)
+
+    labels, uncertainty, probabilities = predict_case(
+        net, image, tuple(patch_size), stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device
+    )
+    if resample:
+        probabilities = _resize(probabilities, cropped_shape, order=1)
+        labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+        if uncertainty is not None:
+            uncertainty = _resize(uncertainty, cropped_shape, order=1)
+    if lcc:
+        labels = keep_largest_component(labels)
+
+    full = np.zeros(oriented.shape, dtype=np.uint8)
+    full[box] = labels
+    labels_out = _apply_orientation(full, to_input)
+    uncertainty_out = None
+    if uncertainty is not None:
+        full_unc = np.zeros(oriented.shape, dtype=np.float32)
+        full_unc[box] = np.clip(uncertainty, 0.0, None)
+        uncertainty_out = _apply_orientation(full_unc, to_input)
+    if labels_out.shape != data.shape:  # the transforms are inverse permutations; this would be a bug
+        raise RuntimeError(f"mapped-back shape {labels_out.shape} differs from the input shape {data.shape}")
+    return Segmentation(labels_out, uncertainty_out)
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def write_like(path: PathLike, array: np.ndarray, reference: Any, dtype: Any) -> Path:
+    """Save ``array`` as NIfTI with the reference image's affine, qform/sform codes and units, atomically.
+
+    The reference header is copied (so ITK-SNAP aligns the two), with the data type set to ``dtype``, scaling
+    reset (slope 1, intercept 0) and the display range cleared.
+
+    Raises:
+        InputError: if ``path`` does not end in ``.nii`` or ``.nii.gz``.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not _is_nifti(path):
+        raise InputError(f"output {path} must end in .nii.gz or .nii")
+    header = reference.header.copy() if isinstance(reference.header, nib.Nifti1Header) else None
+    out = nib.Nifti1Image(np.asarray(array).astype(dtype), reference.affine, header=header)
+    out.set_data_dtype(dtype)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.header["cal_min"] = 0.0
+    out.header["cal_max"] = 0.0
+    if header is None:
+        out.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(out, str(tmp))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(
+        description="Segment the whole tumour in a FLAIR scan (BraTS case folder or one NIfTI) with a UG-MCL "
+        "network; the output is in the input's own voxel grid and affine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="BraTS case folder (uses its FLAIR) or a FLAIR .nii[.gz]")
+    parser.add_argument("--output", required=True, help="segmentation to write (.nii.gz), uint8 0/1")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", default=None, help="weights file (plain state_dict or training checkpoint)")
+    weights.add_argument(
+        "--pretrained",
+        type=int,
+        choices=sorted(PUBLISHED_CHECKPOINTS),
+        default=None,
+        help="published UG-MCL weights trained with 25 or 50 labelled cases (see download_pretrained.py)",
+    )
+    parser.add_argument("--model_dir", default="../model", help="where --pretrained weights are looked for")
+    parser.add_argument("--uncertainty", default=None, help="also write the MC-dropout uncertainty here (float32)")
+    parser.add_argument("--mc_passes", type=int, default=8, help="MC-dropout passes for --uncertainty")
+    parser.add_argument("--model", default="unet_3D_dt", choices=sorted(NETWORKS_3D), help="network name")
+    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
+    parser.add_argument("--num_classes", type=int, default=2, help="output classes")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
+    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
+    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
+    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
+    parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
+    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Segment one scan; return the exit status (0 ok, 1 error with one line on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mc_passes < 1:
+        parser.error(f"--mc_passes must be >= 1, found {args.mc_passes}")
+    try:
+        flair = find_flair(args.input)
+        for target in (args.output, args.uncertainty):
+            if target is not None and not _is_nifti(Path(target)):
+                raise InputError(f"output {target} must end in .nii.gz or .nii")
+        if args.pretrained is not None:
+            checkpoint = published_checkpoint_path(args.model_dir, args.pretrained)
+            if not checkpoint.is_file():
+                raise CheckpointNotFoundError(
+                    f"published checkpoint {checkpoint} not found; download it first with: "
+                    f"python download_pretrained.py --labeled_num {args.pretrained} --out_dir {args.model_dir}"
+                )
+        else:
+            checkpoint = Path(args.checkpoint)
+        device = get_device(args.device)
+        kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
+        net = net_factory_3d(args.model, in_chns=1, class_num=args.num_classes, **kwargs)
+        load_weights(net, checkpoint, map_location="cpu")
+        net.to(device)
+        reference, data = load_flair(flair)
+        result = segment_volume(
+            net,
+            data,
+            reference.affine,
+            spacing=args.spacing if args.spacing > 0 else None,
+            patch_size=tuple(args.patch_size),
+            stride_xy=args.stride_xy,
+            stride_z=args.stride_z,
+            sw_batch=args.sw_batch,
+            blend=args.blend,
+            tta=args.tta,
+            mc_passes=args.mc_passes if args.uncertainty else 0,
+            amp=args.amp,
+            lcc=args.lcc,
+            device=device,
+        )
+        write_like(args.output, result.labels, reference, np.uint8)
+        if args.uncertainty and result.uncertainty is not None:
+            write_like(args.uncertainty, result.uncertainty, reference, np.float32)
+    except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    tumour = int(np.count_nonzero(result.labels))
+    print(f"{flair} -> {args.output} ({tumour} tumour voxels)", file=sys.stderr)
+    return 0
+
+
+def _one_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Test a trained UG-MCL network on the BraTS2019 test split (SPEC section 4).
+
+Run from ``code/``, like the original::
+
+    python test_3D_dt.py --exp BraTs2019_UGMCL_50 --model unet_3D_dt
+    python test_3D_dt.py --exp BraTs2019_UGMCL_25 --native --lcc --device cuda:0
+    python test_3D_dt.py --checkpoint my.pth --root_path /data/BraTS2019 --out_dir /tmp/preds --no_save
+
+It loads ``<model_dir>/<exp>/<model>/<model>_best_model.pth`` (or ``--checkpoint``), predicts every case listed in
+``<root_path>/<split>.txt`` with the sliding window, and writes into ``<model_dir>/<exp>/<model>_predictions/`` (or
+``--out_dir``): ``metrics.csv`` (one row per case), ``summary.json`` (mean/std per metric, NaN and empty-mask counts,
+the configuration and the checkpoint's git blob id) and the NIfTI files ``<case>_{pred,img,gt}.nii.gz`` (plus
+``_unc`` with ``--mc_passes``, ``_pred_native`` with ``--native``). Files are written atomically and nothing else
+in the folder is removed (the original deleted the whole folder first). A table of mean +- std is printed.
+
+Exit status: 0 on success; 1 when the checkpoint is missing or does not fit the model, a case file is missing or
+corrupt, or an option value is invalid (one line on stderr says which file and why); 2 on unknown arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.evaluate import CaseFileError, evaluate, format_summary_table
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from utils.checkpoint import CheckpointError, CheckpointNotFoundError, git_blob_id, load_weights
+from utils.device import get_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options; defaults reproduce the released test script."""
+    parser = argparse.ArgumentParser(
+        description="Evaluate a trained network on a BraTS2019 split: per-case metrics, summary and NIfTI outputs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--root_path", default="../data/BraTS2019", help="dataset folder (split lists and data/)")
+    parser.add_argument("--exp", default="BraTs2019_UGMCL_50", help="experiment name (folder under --model_dir)")
+    parser.add_argument("--model", default="unet_3D_dt", choices=sorted(NETWORKS_3D), help="network name")
+    parser.add_argument("--split", default="test", help="split list to evaluate (<root_path>/<split>.txt)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="weights file; default <model_dir>/<exp>/<model>/<model>_best_model.pth"
+    )
+    parser.add_argument("--model_dir", default="../model", help="folder holding the experiments")
+    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
+    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
+    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    parser.add_argument("--mc_passes", type=int, default=0, help="MC-dropout passes for uncertainty (0 = off)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
+    parser.add_argument("--out_dir", default=None, help="output folder; default <model_dir>/<exp>/<model>_predictions")
+    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
+    parser.add_argument("--native", action="store_true", help="also write the prediction in the original scan space")
+    parser.add_argument("--metric_backend", choices=("ours", "medpy"), default="ours", help="surface-distance code")
+    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
+    parser.add_argument("--num_classes", type=int, default=2, help="output classes")
+    parser.add_argument("--in_channels", type=int, default=1, help="input channels (1 = FLAIR)")
+    parser.add_argument("--no_save", action="store_true", help="metrics only: write no NIfTI files")
+    parser.add_argument("--overlay", action="store_true", help="also write a PNG overlay per case")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def default_checkpoint(model_dir: str | Path, exp: str, model: str) -> Path:
+    """``<model_dir>/<exp>/<model>/<model>_best_model.pth``, where training saves the best model."""
+    return Path(model_dir) / exp / model / f"{model}_best_model.pth"
+
+
+def _missing_checkpoint_hint(exp: str, model: str) -> str:
+    match = re.fullmatch(r"BraTs2019_UGMCL_(25|50)", exp)
+    if match and model == "unet_3D_dt":
+        return f"; download the published weights with: python download_pretrained.py --labeled_num {match.group(1)}"
+    return "; train one with train_UGMCL_3D.py or pass --checkpoint"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation; return the exit status (0 ok, 1 error with one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.model_dir, args.exp, args.model)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model_dir) / args.exp / f"{args.model}_predictions"
+    try:
+        device = get_device(args.device)
+        kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
+        net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes, **kwargs)
+        load_weights(net, checkpoint, map_location="cpu")
+        net.to(device)
+        config = {
+            "exp": args.exp,
+            "model": args.model,
+            "checkpoint": str(checkpoint),
+            "checkpoint_git_blob_id": git_blob_id(checkpoint),
+            "feature_scale": args.feature_scale,
+            "num_classes": args.num_classes,
+            "in_channels": args.in_channels,
+        }
+        result = evaluate(
+            net,
+            args.root_path,
+            out_dir,
+            split=args.split,
+            patch_size=tuple(args.patch_size),
+            stride_xy=args.stride_xy,
+            stride_z=args.stride_z,
+            sw_batch=args.sw_batch,
+            blend=args.blend,
+            tta=args.tta,
+            mc_passes=args.mc_passes,
+            amp=args.amp,
+            device=device,
+            lcc=args.lcc,
+            native=args.native,
+            metric_backend=args.metric_backend,
+            save_nifti_files=not args.no_save,
+            overlay_png=args.overlay,
+            config=config,
+            progress=not args.no_progress,
+        )
+    except CheckpointNotFoundError as err:
+        print(f"error: {err}{_missing_checkpoint_hint(args.exp, args.model)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, CaseFileError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary_table(result.summary))
+    print(f"results written to {out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

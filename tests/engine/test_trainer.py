@@ -1,0 +1,107 @@
+"""The shared training loop: outputs, exact resume, learning, and the bad-input messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.trainer import TrainingError, train
+from synthetic_h5 import write_synthetic_h5_dataset
+
+CODE = Path(__file__).resolve().parents[2] / "code"
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("brats")
+    write_synthetic_h5_dataset(root, n_cases=7, shape=(36, 36, 34), seed=3, n_val=1, n_test=1)
+    return root
+
+
+def tiny_config(root: Path, **overrides) -> TrainConfig:
+    cfg = TrainConfig(
+        root_path=str(root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
+        max_iterations=4, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=2, save_interval=2,
+        num_workers=0, device="cpu", stride_xy=16, stride_z=16,
+    )
+    return replace(cfg, **overrides)
+
+
+def test_a_short_run_writes_every_output(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_root)
+    summary = train(cfg, model_dir=tmp_path, progress=False)
+    out = tmp_path / "tiny_2" / "unet_3D_dt"
+    assert Path(summary["out_dir"]) == out
+    assert (out / "log.txt").read_text().count("iteration ") >= 4
+    assert json.loads((out / "config.json").read_text())["max_iterations"] == 4
+    assert list((out / "log").glob("events.out.tfevents.*"))
+    best = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in best.values())  # a plain state_dict, the published format
+    latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)
+    assert latest["iteration"] == 4
+    assert {"student", "method", "optimizer", "rng", "config", "best"} <= set(latest)
+    assert "teacher" in latest["method"]
+    assert not list(out.glob("*.part*"))  # atomic writes leave no temporaries
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_root, max_iterations=4, val_interval=100, save_interval=100)
+    train(cfg, model_dir=tmp_path / "a", progress=False)
+    train(cfg, model_dir=tmp_path / "b", progress=False, stop_after=2)
+    half = torch.load(tmp_path / "b" / "tiny_2" / "unet_3D_dt" / "checkpoint_latest.pth", weights_only=True)
+    assert half["iteration"] == 2
+    train(replace(cfg, resume=True), model_dir=tmp_path / "b", progress=False)
+
+    def weights(run: str) -> dict:
+        state = torch.load(tmp_path / run / "tiny_2" / "unet_3D_dt" / "checkpoint_latest.pth", weights_only=True)
+        return {**state["student"], **{f"t.{k}": v for k, v in state["method"]["teacher"].items()}}
+
+    a, b = weights("a"), weights("b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and the halves really differ from the start (the comparison can fail)
+    assert any(not torch.equal(a[k], half["student"][k]) for k in half["student"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"patch_size": (32, 40, 32)}, "multiples of 16"),
+        ({"batch_size": 2, "labeled_bs": 2}, "must be larger than --labeled_bs"),
+        ({"labeled_num": 50}, "larger than the training list"),
+        ({"root_path": "/nonexistent/BraTS"}, "make demo"),
+    ],
+)
+def test_bad_options_give_one_line_errors(tiny_root: Path, tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(TrainingError, match=message):
+        train(tiny_config(tiny_root, **overrides), model_dir=tmp_path, progress=False)
+
+
+def test_missing_split_list_says_how_to_prepare_data(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(TrainingError, match=r"train\.txt not found.*preprocess_brats2019"):
+        train(tiny_config(tmp_path), model_dir=tmp_path, progress=False)
+
+
+def test_non_finite_loss_stops_and_names_the_iteration(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_root, base_lr=1e12, max_iterations=30, val_interval=1000, save_interval=1)
+    with pytest.raises(TrainingError, match=r"non-finite (loss|weights) .*iteration \d+"):
+        train(cfg, model_dir=tmp_path, progress=False)
+    latest = torch.load(tmp_path / "tiny_2" / "unet_3D_dt" / "checkpoint_latest.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in latest["student"].values() if v.is_floating_point())
+
+
+def test_cli_exits_non_zero_with_the_message(tiny_root: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "train_UGMCL_3D.py", "--root_path", str(tiny_root), "--model_dir", str(tmp_path),
+           "--labeled_num", "99", "--device", "cpu", "--num_workers", "0"]
+    result = subprocess.run(cmd, cwd=CODE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "error: --labeled_num 99 is larger than the training list" in result.stderr

@@ -1,0 +1,197 @@
+"""Tests of code/predict.py: raw FLAIR scans in any orientation -> segmentation in the scan's own grid and affine."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dataloaders.preprocess import crop_to_nonzero, normalise_intensity
+from networks.net_factory_3d import net_factory_3d
+from predict import find_flair, main, segment_volume
+
+SHAPE = (44, 40, 30)  # x, y, z of the LPS-oriented scan
+LPS_AFFINE = np.array([[-1.0, 0, 0, 30.0], [0, -1.0, 0, 200.0], [0, 0, 1.0, -12.0], [0, 0, 0, 1]])
+FAST = {"patch_size": (32, 32, 32), "stride_xy": 16, "stride_z": 16}
+FAST_ARGS = ["--patch_size", "32", "32", "32", "--stride_xy", "16", "--stride_z", "16", "--feature_scale", "8"]
+FAST_ARGS += ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and several test workers share the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flair_volume(seed: int = 0) -> np.ndarray:
+    """A skull-stripped FLAIR-like volume: off-centre ellipsoid brain with an intensity ramp and a bright blob."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    brain = ((x - 24) / 15) ** 2 + ((y - 18) / 14) ** 2 + ((z - 14) / 11) ** 2 <= 1
+    blob = (x - 27) ** 2 + (y - 20) ** 2 + (z - 15) ** 2 <= 20
+    rng = np.random.default_rng(seed)
+    values = 200 + 4 * x + 2 * y + 250 * blob + rng.normal(0, 10, SHAPE)
+    return np.where(brain, values, 0).astype(np.float32)
+
+
+def to_ras_transposed(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same scan stored differently: new[a, b, c] = old[X-1-b, Y-1-c, a], with the matching affine.
+
+    old index p = M q + o with q = (a, b, c): p0 = X-1-b, p1 = Y-1-c, p2 = a.
+    """
+    new = np.transpose(np.flip(volume, axis=(0, 1)), (2, 0, 1))
+    to_old = np.array(
+        [[0, -1, 0, volume.shape[0] - 1], [0, 0, -1, volume.shape[1] - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float
+    )
+    return np.ascontiguousarray(new), affine @ to_old
+
+
+def back_to_lps(new: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_ras_transposed` on the arrays."""
+    return np.flip(np.transpose(new, (1, 2, 0)), axis=(0, 1))
+
+
+class Threshold(nn.Module):
+    """A pointwise stand-in network: tumour where the normalised input exceeds ``level``; returns (tanh(z), z)."""
+
+    def __init__(self, level: float) -> None:
+        super().__init__()
+        self.level = level
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.cat([torch.zeros_like(x), 10 * (x - self.level)], dim=1)
+        return torch.tanh(z), z
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return net_factory_3d("unet_3D_dt", in_chns=1, class_num=2, feature_scale=8).eval()
+
+
+def test_input_volume_is_not_lps_in_the_orientation_test():
+    _, affine = to_ras_transposed(flair_volume(), LPS_AFFINE)
+    assert nib.aff2axcodes(LPS_AFFINE) == ("L", "P", "S")
+    assert nib.aff2axcodes(affine) != ("L", "P", "S")
+
+
+@pytest.mark.parametrize("orientation", ["lps", "ras_transposed"])
+def test_pointwise_network_gives_the_threshold_of_the_normalised_scan_in_the_input_grid(orientation):
+    volume = flair_volume()
+    affine = LPS_AFFINE
+    if orientation == "ras_transposed":
+        volume, affine = to_ras_transposed(volume, affine)
+    # expectation from the preprocessing definition alone: crop to nonzero, clip + z-score, threshold, paste back
+    cropped, bbox = crop_to_nonzero(volume)
+    expected = np.zeros(volume.shape, dtype=np.uint8)
+    expected[tuple(slice(a, b) for a, b in bbox)] = normalise_intensity(cropped) > 0.5
+    result = segment_volume(Threshold(0.5), volume, affine, **FAST)
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    np.testing.assert_array_equal(result.labels, expected)
+    assert 0 < expected.sum() < (volume > 0).sum()  # a real split, not all or nothing
+
+
+def test_same_scan_in_two_orientations_gives_the_same_segmentation():
+    net = tiny_net()
+    volume = flair_volume()
+    ras, ras_affine = to_ras_transposed(volume, LPS_AFFINE)
+    lps_labels = segment_volume(net, volume, LPS_AFFINE, **FAST).labels
+    ras_labels = segment_volume(net, ras, ras_affine, **FAST).labels
+    assert ras_labels.shape == ras.shape
+    np.testing.assert_array_equal(back_to_lps(ras_labels), lps_labels)
+
+
+def test_coarse_scan_is_resampled_to_1mm_and_mapped_back():
+    volume = flair_volume()
+    coarse = volume[:, :, ::2]  # 2 mm slices
+    affine = LPS_AFFINE @ np.diag([1.0, 1.0, 2.0, 1.0])
+    ras, ras_affine = to_ras_transposed(coarse, affine)  # the 2 mm axis becomes the first axis
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(Threshold):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(tuple(x.shape))
+            return super().forward(x)
+
+    labels = segment_volume(Recording(0.5), ras, ras_affine, patch_size=(8, 8, 8), stride_xy=8, stride_z=8)
+    assert labels.labels.shape == ras.shape
+    native = segment_volume(Threshold(0.5), ras, ras_affine, spacing=None, **FAST).labels
+    assert np.mean(labels.labels == native) > 0.97  # same threshold, up to interpolation at the edges
+    # windows of 8 over the resampled grid (the 1 mm grid has twice the slices of the 2 mm one along z)
+    cropped, _ = crop_to_nonzero(coarse)
+    windows_1mm = np.prod([-(-n // 8) for n in (cropped.shape[0], cropped.shape[1], 2 * cropped.shape[2])])
+    assert len(seen) == windows_1mm
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "net.pth"
+    torch.save(tiny_net().state_dict(), path)
+    return path
+
+
+def test_cli_writes_uint8_segmentation_and_uncertainty_with_the_input_affine(tmp_path, checkpoint):
+    ras, ras_affine = to_ras_transposed(flair_volume(), LPS_AFFINE)
+    source = nib.Nifti1Image(ras.astype(np.int16), ras_affine)
+    source.header.set_qform(ras_affine, code=1)
+    source.header.set_sform(ras_affine, code=2)
+    nib.save(source, tmp_path / "scan.nii.gz")
+    out, unc = tmp_path / "out" / "seg.nii.gz", tmp_path / "out" / "unc.nii.gz"
+    code = main(
+        ["--input", str(tmp_path / "scan.nii.gz"), "--output", str(out), "--checkpoint", str(checkpoint)]
+        + ["--uncertainty", str(unc), "--mc_passes", "2", *FAST_ARGS]
+    )
+    assert code == 0
+    seg_img, unc_img = nib.load(out), nib.load(unc)
+    for img, dtype in ((seg_img, np.uint8), (unc_img, np.float32)):
+        assert img.shape == ras.shape
+        assert img.get_data_dtype() == dtype
+        np.testing.assert_allclose(img.affine, ras_affine, atol=1e-6)
+        assert (int(img.header["qform_code"]), int(img.header["sform_code"])) == (1, 2)
+    assert set(np.unique(np.asarray(seg_img.dataobj))) <= {0, 1}
+    uncertainty = np.asarray(unc_img.dataobj)
+    assert uncertainty.min() >= 0 and uncertainty.max() <= np.log(2) + 1e-6
+    assert uncertainty.max() > 0
+
+
+def test_cli_uses_the_flair_of_a_brats_case_folder(tmp_path, checkpoint):
+    case = tmp_path / "BraTS19_NEW_1"
+    case.mkdir()
+    volume = flair_volume()
+    nib.save(nib.Nifti1Image(volume, LPS_AFFINE), case / "BraTS19_NEW_1_flair.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), LPS_AFFINE), case / "BraTS19_NEW_1_t1.nii.gz")
+    assert find_flair(case).name == "BraTS19_NEW_1_flair.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    assert main(["--input", str(case), "--output", str(out), "--checkpoint", str(checkpoint), *FAST_ARGS]) == 0
+    assert nib.load(out).shape == SHAPE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BraTS19_NEW_1", "seg.nii.gz"]  # no temporary file left
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_flair", "unreadable", "pretrained_missing"])
+def test_cli_errors_are_one_line_and_exit_1(tmp_path, checkpoint, capsys, problem):
+    weights = ["--checkpoint", str(checkpoint)]
+    if problem == "missing":
+        source, expected = tmp_path / "nope.nii.gz", "does not exist"
+    elif problem == "no_flair":
+        source = tmp_path / "case"
+        source.mkdir()
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), source / "case_t1.nii.gz")
+        expected = "no FLAIR"
+    elif problem == "unreadable":
+        source = tmp_path / "broken_flair.nii.gz"
+        source.write_bytes(b"\x1f\x8b not really gzip")
+        expected = "cannot read"
+    else:
+        source = tmp_path / "flair.nii.gz"
+        nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), source)
+        weights = ["--pretrained", "25", "--model_dir", str(tmp_path / "models")]
+        expected = "download_pretrained.py --labeled_num 25"
+    out = tmp_path / "seg.nii.gz"
+    code = main(["--input", str(source), "--output", str(out), *weights, *FAST_ARGS])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert expected in err and len(err.splitlines()) == 1
+    assert not out.exists()
