@@ -71,6 +71,9 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--threshold_rampup", type=int, default=d.threshold_rampup, help="default: max_iterations")
     g.add_argument("--sdf_k", type=float, default=d.sdf_k, help="k in sigmoid(-k * sdf)")
     g.add_argument("--beta", type=float, default=d.beta, help="paper variant: seg vs SDF consistency balance")
+    g.add_argument("--consistency_rows", choices=["released", "all", "unlabeled"], default=d.consistency_rows,
+                   help="baselines: batch rows of the unsupervised term (released = as in each method's code)")
+    g.add_argument("--dtc_sdf_weight", type=float, default=d.dtc_sdf_weight, help="DTC: SDF regression weight")
     g = p.add_argument_group("run control")
     g.add_argument("--val_interval", type=int, default=d.val_interval)
     g.add_argument("--save_interval", type=int, default=d.save_interval)

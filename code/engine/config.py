@@ -47,6 +47,8 @@ class TrainConfig:
     threshold_rampup: int | None = None  # None: max_iterations (as released)
     sdf_k: float = 1500.0
     beta: float = 0.75  # paper variant: beta * seg consistency + (1 - beta) * SDF consistency
+    consistency_rows: str = "released"  # baselines: rows of the unsupervised term ("released", "all", "unlabeled")
+    dtc_sdf_weight: float = 0.3  # DTC: weight of the SDF regression in the supervised loss
     # run control
     val_interval: int = 200
     save_interval: int = 200

@@ -401,3 +401,28 @@ def test_each_baseline_trains_end_to_end_through_the_shared_loop(tiny_root, tmp_
     latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)
     assert ("teacher" in latest["method"]) is has_teacher
     assert all(torch.isfinite(v).all() for v in latest["student"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "script, exp, model",
+    [
+        ("train_supervised_3D", "BraTs2019_Supervised", "unet_3D_dt"),
+        ("train_mean_teacher_3D", "BraTs2019_Mean_Teacher", "unet_3D_dt"),
+        ("train_uamt_3D", "BraTs2019_UAMT", "unet_3D_dt"),
+        ("train_entropy_min_3D", "BraTs2019_Entropy_Minimization", "unet_3D_dt"),
+        ("train_dtc_3D", "BraTs2019_DTC", "vnet_dt"),
+        ("train_urpc_3D", "BraTs2019_URPC", "unet_3D_ds"),
+    ],
+)
+def test_entry_scripts_give_each_baseline_its_own_run_folder_and_a_network_it_accepts(script, exp, model):
+    import importlib
+
+    from train_UGMCL_3D import build_parser, config_from_args
+
+    module = importlib.import_module(script)
+    method = script[len("train_") : -len("_3D")]
+    parser = build_parser(method=method)
+    cfg = config_from_args(parser.parse_args(module.DEFAULTS), method)
+    assert (cfg.method, cfg.exp, cfg.model) == (method, exp, model)
+    overridden = config_from_args(parser.parse_args([*module.DEFAULTS, "--exp", "mine", "--model", "unet_3D"]), method)
+    assert (overridden.exp, overridden.model) == ("mine", "unet_3D")
