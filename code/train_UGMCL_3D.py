@@ -2,13 +2,21 @@
 
 Defaults reproduce the released UG-MCL code (SPEC section 3); every hard-coded number of the original
 is an option here with that number as its default. Outputs go to ``../model/<exp>_<labeled_num>/<model>/``.
-Multi-GPU: ``torchrun --nproc_per_node N train_UGMCL_3D.py ...``.
+
+Multi-GPU, one node: ``torchrun --standalone --nproc_per_node N train_UGMCL_3D.py ...`` trains data-parallel
+(``engine/distributed.py``): each process takes one GPU (``cuda:LOCAL_RANK``) and its own batches of
+``--batch_size`` patches (``--labeled_bs`` labelled), so an iteration sees N times as many patches; gradients
+are averaged and rank 0 alone logs, validates and writes the outputs. Several nodes: the same command on every
+node with ``--nnodes M --node_rank i --master_addr HOST --master_port PORT`` in place of ``--standalone``
+(every node needs the data at ``--root_path``; the outputs are written on the node of rank 0). ``--resume``
+works the same way. Backend nccl on CUDA, gloo with ``--device cpu``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +115,8 @@ def main(argv: Sequence[str] | None = None, method: str | None = None) -> int:
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return 0
     best = summary["best"]
     print(f"done: {summary['iterations']} iterations, best val dice {best['dice']:.4f} "
           f"(iteration {best['iteration']}); outputs in {summary['out_dir']}")

@@ -4,12 +4,13 @@
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed` reads them,
 joins the process group (backend ``nccl`` on CUDA, ``gloo`` on the CPU) and picks the device of the process
 (``cuda:LOCAL_RANK``, or the CPU). Without them (a plain ``python train_UGMCL_3D.py``), or with ``WORLD_SIZE=1``,
-nothing is initialised and every helper here is the identity: single-process training runs exactly as before.
+nothing is initialised and every helper here is the identity: single-process training is unchanged.
 
 What stays the same on every rank, and why:
 
 - the student: same seed before it is built, and :func:`wrap_model` (DDP) broadcasts rank 0's weights and then
-  averages the gradients, ``g = (1/N) sum_r g_r``, so every rank applies the same SGD step;
+  averages the gradients, ``g = (1/N) sum_r g_r``, so every rank applies the same SGD step; :func:`sync_buffers`
+  gives every rank rank 0's BatchNorm statistics after the step;
 - the EMA teacher: built from the (broadcast) student and updated from identical students, so it never drifts;
 - the decisions: :func:`mean_over_ranks` makes a non-finite loss on any rank stop every rank at the same
   iteration, and :func:`fail_together` makes a set-up error on one rank (e.g. a node without the data) stop all.
@@ -29,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from utils.device import get_device
 
@@ -44,6 +45,7 @@ __all__ = [
     "init_distributed",
     "is_main",
     "mean_over_ranks",
+    "sync_buffers",
     "wrap_model",
 ]
 
@@ -112,7 +114,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistInfo(device=get_device(device))
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not dist.is_available():
+        raise ValueError(f"WORLD_SIZE is {world_size}, but this PyTorch build has no torch.distributed")
+    local_rank = _env_int("LOCAL_RANK", 0)
     resolved = get_device(device)
     if resolved.type == "cuda":
         if resolved.index is not None:
@@ -145,18 +149,66 @@ def is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, example: Tensor | None = None) -> nn.Module:
     """``DistributedDataParallel(model)`` with several processes, ``model`` itself otherwise.
 
     Wrapping broadcasts rank 0's parameters and buffers; afterwards every backward through the wrapper averages
-    the gradients over the processes. ``static_graph=True`` because a method may leave a head out of its loss
-    (e.g. the SDF head of ``vnet_dt`` in the supervised baseline): the unused set is found once and is the same
-    at every iteration. Keep using ``model`` (not the wrapper) for checkpoints, the EMA teacher and validation.
+    the gradients over the processes, ``g = (1/N) sum_r g_r``. Keep using ``model`` (not the wrapper) for
+    checkpoints, the EMA teacher and validation, and call :func:`sync_buffers` after each optimiser step.
+
+    A method may leave a head out of its loss (the SDF head of ``vnet_dt`` in the supervised baseline, the
+    auxiliary maps of ``unet_3D_ds``); DDP must then look for unused parameters at every iteration
+    (``find_unused_parameters=True``). That search costs a graph traversal and makes DDP warn when it finds
+    nothing, so it is switched on only when some output of ``model`` on ``example`` does not depend on every
+    parameter (always, without ``example``).
+
+    Args:
+        model: the network, already on ``info.device``.
+        info: this process.
+        example: an input the network accepts, e.g. ``(1, C, 32, 32, 32)`` zeros on ``info.device``.
     """
     if not info.is_distributed:
         return model
+    find_unused = True if example is None else not _every_output_uses_every_parameter(model, example)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def _every_output_uses_every_parameter(model: nn.Module, example: Tensor) -> bool:
+    """Whether each output tensor of ``model(example)`` has a gradient path to every trainable parameter.
+
+    Run in eval mode (no dropout draw, no BatchNorm statistics update), so training is not disturbed.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            output = model(example)
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        outputs = [o for o in outputs if isinstance(o, Tensor) and o.requires_grad]
+        if not outputs:
+            return False
+        for out in outputs:
+            grads = torch.autograd.grad(out.float().sum(), params, retain_graph=True, allow_unused=True)
+            if any(g is None for g in grads):
+                return False
+        return True
+    finally:
+        model.train(was_training)
+
+
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics) to every rank; no-op without buffers.
+
+    Each rank updates them from its own batch in the forward pass. DDP copies rank 0's before each forward;
+    called after the optimiser step as well, this keeps the whole student identical at the EMA update too (the
+    teacher copies the student's buffers), and so the teacher.
+    """
+    if not info.is_distributed:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 @contextmanager

@@ -14,12 +14,21 @@ method (``methods.METHODS[cfg.method]``), and runs ``cfg.max_iterations`` SGD st
 Exact resume: the batch drawn at iteration ``t`` (indices and augmentation) depends only on
 ``(seed, t)``, and the torch / numpy / python RNG states are saved, so on CPU in deterministic mode a
 run of 2N iterations equals a run of N iterations resumed for N more, bit for bit.
+
+Data-parallel training: under ``torchrun --nproc_per_node N`` (set up in ``engine/distributed.py``) each of
+the N processes draws its own batch (iteration ``t`` of rank ``r`` is batch ``t * N + r`` of the same plan,
+``labeled_bs`` labelled rows first), DistributedDataParallel averages the gradients, and the EMA teacher
+follows identical students, so weights and teacher stay identical on every rank. Rank 0 alone writes the
+outputs above and validates; every rank reads the checkpoint it broadcasts on ``--resume``, and each rank's
+RNG states are saved, so resuming with the same N is exact as well. Without torchrun nothing changes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import sys
 import time
@@ -37,17 +46,33 @@ from dataloaders.brats2019 import BraTS2019
 from dataloaders.samplers import TwoStreamBatchSampler
 from dataloaders.transforms import RandomCrop, RandomRotFlip, ToTensor
 from engine.config import TrainConfig
+from engine.distributed import (
+    DistInfo,
+    broadcast_object,
+    cleanup,
+    fail_together,
+    forward_through,
+    gather_objects,
+    init_distributed,
+    mean_over_ranks,
+    sync_buffers,
+    wrap_model,
+)
 from engine.validation import validate
 from methods import METHODS
 from methods.base import Batch, Method
 from networks.net_factory_3d import net_factory_3d
+from networks.outputs import segmentation_logits
 from utils.atomic import atomic_torch_save, atomic_write_text
-from utils.device import get_device
 from utils.seeding import seed_everything, set_deterministic
 
 __all__ = ["TrainingError", "build_network", "check_config", "run_dir", "train"]
 
 logger = logging.getLogger("ugmcl")
+
+# Testing hook, not a user option: with UGMCL_DUMP_RANK_STATE=1 every rank writes ``rank<r>_final.pt`` (its
+# student, method state and the cases it trained on) into the run folder, so a test can compare the ranks.
+_DUMP_RANK_STATE = "UGMCL_DUMP_RANK_STATE"
 
 
 class TrainingError(RuntimeError):
@@ -164,14 +189,19 @@ class _SeededSamples(Dataset):
             random.setstate(py_state)
 
 
-def _batch_plan(labeled: list[int], unlabeled: list[int], cfg: TrainConfig, start: int) -> Iterator[list[tuple[int, int]]]:
+def _batch_plan(labeled: list[int], unlabeled: list[int], cfg: TrainConfig, start: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[list[tuple[int, int]]]:
     """Endless list of ``[(index, sample_seed), ...]`` batches, from iteration ``start`` on.
 
-    Passes of the two-stream sampler are seeded by ``(seed, pass)``; sample seeds by ``(seed, t, slot)``.
+    Passes of the two-stream sampler are seeded by ``(seed, pass)``; sample seeds by ``(seed, k, slot)`` for
+    plan batch ``k``. With ``world_size`` processes, iteration ``t`` of ``rank`` is plan batch
+    ``k = t * world_size + rank``: the processes take turns in one plan, so within an iteration they train on
+    different cases (as far as the pass has enough), and each batch keeps ``labeled_bs`` labelled rows first.
+    With one process, ``k = t``.
     """
     secondary = cfg.batch_size - cfg.labeled_bs if unlabeled else 0
     sampler = TwoStreamBatchSampler(labeled, unlabeled, cfg.batch_size, secondary, seed=cfg.seed) if secondary else None
-    step = 0
+    step = 0  # k, the plan batch
     for epoch in range(10**9):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -181,14 +211,16 @@ def _batch_plan(labeled: list[int], unlabeled: list[int], cfg: TrainConfig, star
             n = len(order) - len(order) % cfg.labeled_bs
             batches = (list(order[i : i + cfg.labeled_bs]) for i in range(0, n, cfg.labeled_bs))
         for indices in batches:
-            if step >= start:
+            if step >= start * world_size and step % world_size == rank:
                 seeds = np.random.SeedSequence([cfg.seed, step]).generate_state(len(indices))
                 yield [(int(i), int(s)) for i, s in zip(indices, seeds)]
             step += 1
 
 
-def make_batches(cfg: TrainConfig, start: int) -> Iterator[Batch]:
-    """The training batches from iteration ``start`` (labelled rows first), on the CPU."""
+def make_batches(cfg: TrainConfig, start: int, rank: int = 0, world_size: int = 1,
+                 seen: list[list[str]] | None = None) -> Iterator[Batch]:
+    """The training batches of process ``rank`` of ``world_size`` from iteration ``start`` (labelled rows first),
+    on the CPU; the case names of each batch are appended to ``seen`` when given."""
     dataset = BraTS2019(
         cfg.root_path, split="train", transform=_train_transform(cfg.patch_size)
     )
@@ -197,13 +229,15 @@ def make_batches(cfg: TrainConfig, start: int) -> Iterator[Batch]:
     unlabeled = list(range(cfg.labeled_num, n)) if METHODS[cfg.method].uses_unlabeled else []
     loader = DataLoader(
         _SeededSamples(dataset),
-        batch_sampler=_batch_plan(labeled, unlabeled, cfg, start),  # type: ignore[arg-type]
+        batch_sampler=_batch_plan(labeled, unlabeled, cfg, start, rank, world_size),  # type: ignore[arg-type]
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global torch RNG untouched
     )
     for sample in loader:
+        if seen is not None:
+            seen.append(list(sample["name"]))
         yield Batch(sample["image"], sample["label"].long(), cfg.labeled_bs)
 
 
@@ -243,19 +277,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_latest(path: Path, student: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
-                 step: int, best: dict[str, float], cfg: TrainConfig) -> None:
-    atomic_torch_save(
-        {
-            "student": student.state_dict(),
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "iteration": step,
-            "best": best,
-            "rng": _rng_state(),
-            "config": cfg.to_dict(),
-        },
-        path,
-    )
+                 step: int, best: dict[str, float], cfg: TrainConfig, rng: list[dict[str, Any]] | None = None) -> None:
+    """Write ``checkpoint_latest.pth``; ``rng`` holds every rank's RNG states (default: this process's).
+
+    With several ranks, ``rng`` is rank 0's and ``rng_per_rank`` all of them (with ``world_size``).
+    """
+    rng = [_rng_state()] if rng is None else rng
+    state = {
+        "student": student.state_dict(),
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": step,
+        "best": best,
+        "rng": rng[0],
+        "config": cfg.to_dict(),
+    }
+    if len(rng) > 1:
+        state.update(rng_per_rank=rng, world_size=len(rng))
+    atomic_torch_save(state, path)
 
 
 def _load_latest(path: Path, device: torch.device) -> dict[str, Any]:
@@ -265,19 +304,42 @@ def _load_latest(path: Path, device: torch.device) -> dict[str, Any]:
         raise TrainingError(f"cannot resume from {path}: {type(err).__name__}: {err}") from err
 
 
+def _rank_seed(seed: int, rank: int, start: int = 0) -> int:
+    """Seed of the dropout / noise streams of rank > 0 (rank 0 keeps the single-process stream of ``seed``)."""
+    return int(np.random.SeedSequence([seed, rank, start]).generate_state(1)[0])
+
+
+def _resume_rng(state: dict[str, Any], cfg: TrainConfig, info: DistInfo, start: int) -> None:
+    """Restore this rank's RNG states; with another number of processes than saved, rank r > 0 reseeds."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) == info.world_size:
+        _set_rng_state(per_rank[info.rank])
+        return
+    logger.info("resuming %d process(es) from a checkpoint of %d: batches and random streams differ from an "
+                "uninterrupted run from here on", info.world_size, len(per_rank))
+    if info.is_main:
+        _set_rng_state(state["rng"])
+    else:
+        seed_everything(_rank_seed(cfg.seed, info.rank, start))
+
+
 # ----------------------------------------------------------------------------------------------
 # logging
 # ----------------------------------------------------------------------------------------------
-def _setup_logging(out: Path) -> None:
+def _setup_logging(out: Path | None) -> None:
+    """Log to ``out/log.txt``; with ``out=None`` (ranks other than 0) log nothing."""
     logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
+    logger.propagate = False
+    if out is None:
+        logger.addHandler(logging.NullHandler())
+        return
     fmt = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
     file_handler = logging.FileHandler(out / "log.txt")
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
-    logger.propagate = False
 
 
 def _image_grid(batch: Batch, probs: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -318,55 +380,86 @@ def train(cfg: TrainConfig, model_dir: str | Path = "../model", progress: bool =
           stop_after: int | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return a summary (``best``, ``iterations``, ``out_dir``, ``seconds``).
 
+    Started by ``torchrun`` with ``WORLD_SIZE`` > 1, every process runs this function: the training is
+    data-parallel (module docstring, ``engine/distributed.py``) and every rank returns the same summary.
+
     Args:
         cfg: the configuration.
         model_dir: parent of the run folder (``<model_dir>/<exp>_<labeled_num>/<model>``).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (rank 0 only).
         stop_after: stop (as if killed) after this many iterations, having saved ``checkpoint_latest.pth``;
             the schedule still follows ``cfg.max_iterations``. Used to test exact resume.
 
     Raises:
-        TrainingError: bad options, missing data, an unreadable checkpoint or a non-finite loss.
+        TrainingError: bad options or device, missing data, an unreadable checkpoint or a non-finite loss (on
+            every rank when any rank meets it).
     """
     check_config(cfg)
-    _, val_cases = check_data(cfg)
-    device = get_device(cfg.device)
-    out = run_dir(cfg, model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    logger.info("config: %s", json.dumps(cfg.to_dict()))
-    logger.info("device: %s", device)
+    try:
+        info = init_distributed(cfg.device)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    try:
+        return _train(cfg, info, Path(model_dir), progress, stop_after)
+    finally:
+        cleanup(info)
 
-    seed_everything(cfg.seed)
+
+def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, stop_after: int | None) -> dict[str, Any]:
+    """The body of :func:`train` for one process (rank ``info.rank`` of ``info.world_size``)."""
+    device, main = info.device, info.is_main
+    out = run_dir(cfg, model_dir)
+    latest = out / "checkpoint_latest.pth"
+    state: dict[str, Any] | None = None
+    with fail_together(info, lambda: TrainingError("stopped: another process failed while setting up (see its error)")):
+        _, val_cases = check_data(cfg)  # on every rank: each node needs the data
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        _setup_logging(out if main else None)
+        if main:
+            atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        logger.info("config: %s", json.dumps(cfg.to_dict()))
+        logger.info("device: %s", device)
+        if info.is_distributed:
+            logger.info("data-parallel: %d processes, %d patches per iteration in all",
+                        info.world_size, info.world_size * cfg.batch_size)
+        if cfg.resume and main:  # rank 0 reads the checkpoint and broadcasts it: other nodes need no copy
+            if not latest.is_file():
+                raise TrainingError(f"--resume given but {latest} does not exist")
+            state = _load_latest(latest, torch.device("cpu") if info.is_distributed else device)
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     if cfg.deterministic:
         set_deterministic(True)
     student = build_network(cfg).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last_3d)
-    method = METHODS[cfg.method](student, cfg)
+    # DDP (averages the gradients) with several processes, else the student itself
+    model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
+    method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    if info.rank > 0:  # own dropout and teacher-noise streams; rank 0 keeps the single-process one
+        seed_everything(_rank_seed(cfg.seed, info.rank))
 
     start, best = 0, {"dice": -1.0, "iteration": 0}
-    latest = out / "checkpoint_latest.pth"
     if cfg.resume:
-        if not latest.is_file():
-            raise TrainingError(f"--resume given but {latest} does not exist")
-        state = _load_latest(latest, device)
+        state = broadcast_object(state, info)
         student.load_state_dict(state["student"])
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start, best = int(state["iteration"]), dict(state["best"])
-        _set_rng_state(state["rng"])
+        _resume_rng(state, cfg, info, start)
         logger.info("resumed from %s at iteration %d", latest, start)
+        del state
 
     from tensorboardX import SummaryWriter  # imported late: slow import, only needed here
 
-    writer = SummaryWriter(str(out / "log"))
-    batches = make_batches(cfg, start)
+    writer = SummaryWriter(str(out / "log")) if main else None
+    seen: list[list[str]] | None = [] if os.environ.get(_DUMP_RANK_STATE) == "1" else None
+    batches = make_batches(cfg, start, info.rank, info.world_size, seen)
     student.train()
-    bar = _progress(range(start, cfg.max_iterations), progress, cfg)
+    bar = _progress(range(start, cfg.max_iterations), progress and main, cfg)
     t0 = time.time()
     step = start
     try:
@@ -375,42 +468,48 @@ def train(cfg: TrainConfig, model_dir: str | Path = "../model", progress: bool =
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches).to(device)
-            with _autocast(device, cfg.amp):
+            with _autocast(device, cfg.amp), forward_through(method, model):
                 loss, logs = method.training_step(batch, step)
-            if not torch.isfinite(loss):
+            logs = mean_over_ranks({"loss": float(loss.detach()), **logs}, info)  # every rank: the same decision
+            if not math.isfinite(logs["loss"]):
                 raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at iteration {step + 1}; stopped, the last good checkpoint "
+                    f"non-finite loss ({logs['loss']}) at iteration {step + 1}; stopped, the last good checkpoint "
                     f"is {latest if latest.is_file() else 'not written yet'}"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            sync_buffers(student, info)
             method.after_optimizer_step(step)
             iteration = step + 1
 
-            logs = {"loss": float(loss.detach()), **logs, "lr": lr}
-            for key, value in logs.items():
-                writer.add_scalar(f"train/{key}", value, iteration)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            logger.info("iteration %d : %s", iteration, ", ".join(f"{k} {v:.6g}" for k, v in logs.items()))
-            if iteration % max(1, cfg.val_interval // 4) == 0 or iteration == 1:
-                with torch.no_grad():
-                    probs = torch.softmax(_seg_logits(student(batch.image[:1])), dim=1)
-                writer.add_image("train/input_pred_label_extra", _image_grid(batch, probs, method.images_to_log()), iteration)
+            logs["lr"] = lr
+            if main:
+                for key, value in logs.items():
+                    writer.add_scalar(f"train/{key}", value, iteration)  # type: ignore[union-attr]
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                logger.info("iteration %d : %s", iteration, ", ".join(f"{k} {v:.6g}" for k, v in logs.items()))
+                if iteration % max(1, cfg.val_interval // 4) == 0 or iteration == 1:
+                    with torch.no_grad():
+                        probs = torch.softmax(segmentation_logits(student(batch.image[:1])), dim=1)
+                    grid = _image_grid(batch, probs, method.images_to_log())
+                    writer.add_image("train/input_pred_label_extra", grid, iteration)  # type: ignore[union-attr]
 
             if val_cases and (iteration % cfg.val_interval == 0 or iteration == cfg.max_iterations):
-                metrics = validate(student, cfg, device)
-                student.train()
-                writer.add_scalar("val/dice", metrics["dice"], iteration)
-                writer.add_scalar("val/hd95", metrics["hd95"], iteration)
-                logger.info("iteration %d : val dice %.4f hd95 %.2f", iteration, metrics["dice"], metrics["hd95"])
-                if metrics["dice"] > best["dice"]:
-                    best = {"dice": float(metrics["dice"]), "hd95": float(metrics["hd95"]), "iteration": iteration}
-                    atomic_torch_save(student.state_dict(), out / f"{cfg.model}_best_model.pth")
-                    atomic_torch_save(student.state_dict(), out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
-                    logger.info("saved best model (dice %.4f) at iteration %d", metrics["dice"], iteration)
+                if main:
+                    metrics = validate(student, cfg, device)
+                    student.train()
+                    writer.add_scalar("val/dice", metrics["dice"], iteration)  # type: ignore[union-attr]
+                    writer.add_scalar("val/hd95", metrics["hd95"], iteration)  # type: ignore[union-attr]
+                    logger.info("iteration %d : val dice %.4f hd95 %.2f", iteration, metrics["dice"], metrics["hd95"])
+                    if metrics["dice"] > best["dice"]:
+                        best = {"dice": float(metrics["dice"]), "hd95": float(metrics["hd95"]), "iteration": iteration}
+                        atomic_torch_save(student.state_dict(), out / f"{cfg.model}_best_model.pth")
+                        atomic_torch_save(student.state_dict(), out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
+                        logger.info("saved best model (dice %.4f) at iteration %d", metrics["dice"], iteration)
+                best = broadcast_object(best, info)  # the other ranks wait here for rank 0's validation
             stopping = stop_after is not None and iteration >= stop_after
             if iteration % cfg.save_interval == 0 or iteration == cfg.max_iterations or stopping:
                 if not all(torch.isfinite(p).all() for p in student.parameters()):
@@ -418,24 +517,35 @@ def train(cfg: TrainConfig, model_dir: str | Path = "../model", progress: bool =
                         f"non-finite weights after iteration {iteration}; stopped, the last good checkpoint is "
                         f"{latest if latest.is_file() else 'not written yet'} (lower --base_lr?)"
                     )
-                _save_latest(latest, student, method, optimizer, iteration, best, cfg)
+                rng = gather_objects(_rng_state(), info)  # every rank's RNG states, for an exact resume
+                if main:
+                    _save_latest(latest, student, method, optimizer, iteration, best, cfg, rng)
             if stopping:
                 logger.info("stopped after iteration %d (stop_after)", iteration)
                 return {"out_dir": str(out), "iterations": iteration, "best": best, "seconds": time.time() - t0}
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if hasattr(bar, "close"):
             bar.close()
 
-    if not val_cases:  # no validation list: the final student is the "best" one
+    if not val_cases and main:  # no validation list: the final student is the "best" one
         atomic_torch_save(student.state_dict(), out / f"{cfg.model}_best_model.pth")
+    if seen is not None:
+        _dump_rank_state(out, info, student, method, seen)
     seconds = time.time() - t0
     logger.info("finished %d iterations in %.1f s; best val dice %.4f", cfg.max_iterations - start, seconds, best["dice"])
     return {"out_dir": str(out), "iterations": cfg.max_iterations, "best": best, "seconds": seconds}
 
 
-def _seg_logits(output: Any) -> torch.Tensor:
-    return output[-1] if isinstance(output, (tuple, list)) else output
+def _dump_rank_state(out: Path, info: DistInfo, student: nn.Module, method: Method, seen: list[list[str]]) -> None:
+    """Testing hook (``UGMCL_DUMP_RANK_STATE=1``): this rank's final weights and the case names of its batches."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(
+        {"rank": info.rank, "world_size": info.world_size, "student": student.state_dict(),
+         "method": method.state_dict(), "cases": seen},
+        out / f"rank{info.rank}_final.pt",
+    )
 
 
 def _progress(steps: range, enabled: bool, cfg: TrainConfig) -> Any:

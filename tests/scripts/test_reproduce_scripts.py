@@ -1,0 +1,253 @@
+"""Tests of scripts/reproduce_brats2019.py, scripts/mini_study.py and scripts/summarise_results.py.
+
+The printed commands are checked by parsing them with the entry scripts' own parsers (so they are runnable), the
+table against hand-computed means and sample standard deviations, and the whole mini-study once end to end on tiny
+synthetic raw cases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import test_3D_dt
+import train_UGMCL_3D
+from dataloaders.preprocess import make_splits
+from make_synthetic_brats import case_name, make_case, write_case
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS_DIR))
+
+import mini_study  # noqa: E402
+import reproduce_brats2019  # noqa: E402
+import summarise_results  # noqa: E402
+
+SCRIPT_METHOD = {script: method for method, script in reproduce_brats2019.ENTRY_SCRIPTS.items()}
+
+
+def _commands(text: str) -> list[list[str]]:
+    """The non-comment lines, split like a shell; the interpreter is dropped."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line)[1:] for line in lines]
+
+
+def _parse_train(cmd: list[str]):
+    method = SCRIPT_METHOD[cmd[0]]
+    return method, train_UGMCL_3D.build_parser(method=method).parse_args(cmd[1:])
+
+
+def _dry_run(capsys, tmp_path: Path, *extra: str) -> list[list[str]]:
+    code = reproduce_brats2019.main(
+        ["--dry-run", "--root_path", str(tmp_path / "data"), "--model_dir", str(tmp_path / "model"), *extra]
+    )
+    assert code == 0
+    return _commands(capsys.readouterr().out)
+
+
+def test_reproduce_dry_run_trains_and_tests_every_method_labelled_count_and_seed(capsys, tmp_path):
+    cmds = _dry_run(capsys, tmp_path)
+    trains = [c for c in cmds if c[0] != "test_3D_dt.py"]
+    tests = [c for c in cmds if c[0] == "test_3D_dt.py"]
+    assert len(trains) == len(tests) == 7 * 2 * 3
+
+    seen, folders = set(), []
+    for cmd in trains:
+        method, args = _parse_train(cmd)
+        seen.add((method, args.labeled_num, args.seed))
+        folders.append(f"{args.exp}_{args.labeled_num}")
+        assert args.max_iterations == 30000
+        assert str(args.seed) in args.exp  # one folder per seed
+        if method == "ugmcl":
+            assert (args.base_lr, args.lr_schedule) == (0.01, "constant")
+        else:
+            assert (args.base_lr, args.lr_schedule) == (0.1, "poly")
+        assert args.model == {"dtc": "vnet_dt", "urpc": "unet_3D_ds"}.get(method, "unet_3D_dt")
+        assert args.model_dir == str(tmp_path / "model")
+    expected = {(m, n, s) for m in reproduce_brats2019.ENTRY_SCRIPTS for n in (25, 50) for s in (1337, 1338, 1339)}
+    assert seen == expected
+    assert len(set(folders)) == len(folders)
+
+    tested = [test_3D_dt.build_parser().parse_args(cmd[1:]) for cmd in tests]
+    assert sorted(args.exp for args in tested) == sorted(folders)  # each run tested in its own training folder
+    assert all(args.split == "test" for args in tested)
+
+
+def test_reproduce_dry_run_applies_baseline_lr_options_but_keeps_ugmcl_released_rate(capsys, tmp_path):
+    cmds = _dry_run(capsys, tmp_path, "--methods", "uamt", "ugmcl", "--labeled_nums", "25", "--seeds", "7",
+                    "--baseline_lr", "0.05", "--no-baseline_poly", "--max_iterations", "100", "--amp")
+    parsed = dict(_parse_train(c) for c in cmds if c[0] != "test_3D_dt.py")
+    assert (parsed["uamt"].base_lr, parsed["uamt"].lr_schedule) == (0.05, "constant")
+    assert (parsed["ugmcl"].base_lr, parsed["ugmcl"].lr_schedule) == (0.01, "constant")
+    assert all(args.max_iterations == 100 and args.amp for args in parsed.values())
+
+
+def test_reproduce_dry_run_skips_tested_runs_tests_trained_ones_and_resumes_interrupted_ones(capsys, tmp_path):
+    model = tmp_path / "model"
+    tested = model / "BraTs2019_UGMCL_seed1_25" / "unet_3D_dt_predictions" / "summary.json"
+    tested.parent.mkdir(parents=True)
+    tested.write_text("{}")
+    trained = model / "BraTs2019_UGMCL_seed2_25" / "unet_3D_dt"
+    trained.mkdir(parents=True)
+    torch.save({"iteration": 500}, trained / "checkpoint_latest.pth")
+    torch.save({}, trained / "unet_3D_dt_best_model.pth")
+    interrupted = model / "BraTs2019_UGMCL_seed3_25" / "unet_3D_dt"
+    interrupted.mkdir(parents=True)
+    torch.save({"iteration": 200}, interrupted / "checkpoint_latest.pth")
+
+    cmds = _dry_run(capsys, tmp_path, "--methods", "ugmcl", "--labeled_nums", "25", "--seeds", "1", "2", "3", "4",
+                    "--max_iterations", "500", "--resume")
+    trains = {_parse_train(c)[1].seed: _parse_train(c)[1] for c in cmds if c[0] != "test_3D_dt.py"}
+    tests = [test_3D_dt.build_parser().parse_args(c[1:]).exp for c in cmds if c[0] == "test_3D_dt.py"]
+    assert sorted(trains) == [3, 4]
+    assert trains[3].resume and not trains[4].resume
+    assert sorted(tests) == ["BraTs2019_UGMCL_seed2_25", "BraTs2019_UGMCL_seed3_25", "BraTs2019_UGMCL_seed4_25"]
+
+
+def test_known_experiment_names_match_the_entry_scripts():
+    for method in reproduce_brats2019.ENTRY_SCRIPTS:
+        exp, _ = reproduce_brats2019.entry_defaults(method)
+        assert summarise_results.parse_run_name(f"{exp}_seed5_25") == (method, 25, 5)
+
+
+def _summary(path: Path, exp: str, dice, jaccard, hd95, asd, n_nan_hd95: int = 0, n_cases: int = 6) -> Path:
+    def entry(v, n_nan=0):
+        return {"mean": v, "std": 0.0, "n_nan": n_nan}
+
+    data = {
+        "n_cases": n_cases,
+        "metrics": {"dice": entry(dice), "jaccard": entry(jaccard), "hd95": entry(hd95, n_nan_hd95),
+                    "asd": entry(asd, n_nan_hd95), "assd": entry(asd)},
+        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm"},
+        "config": {"exp": exp},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_summary_table_gives_mean_and_sample_std_over_seeds(tmp_path, capsys):
+    files = [
+        _summary(tmp_path / "a.json", "BraTs2019_UGMCL_seed1_25", 0.80, 0.70, 10.0, 2.0),
+        _summary(tmp_path / "b.json", "BraTs2019_UGMCL_seed2_25", 0.82, 0.70, 12.0, 3.0),
+        _summary(tmp_path / "c.json", "BraTs2019_UGMCL_seed3_25", 0.84, 0.73, None, 4.0, n_nan_hd95=6),
+        # no config: named by the folder above the predictions folder
+        tmp_path / "BraTs2019_Mean_Teacher_seed1_50" / "unet_3D_dt_predictions" / "summary.json",
+    ]
+    _summary(files[3], "", 0.5, 0.4, 20.0, 5.0)
+    out = tmp_path / "table.md"
+    assert summarise_results.main([*map(str, files), "--paper", "--per_seed", "--out", str(out)]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    ugmcl = next(line for line in lines if line.startswith("| UG-MCL | 25 | 3 |"))
+    # dice 80, 82, 84: mean 82, sample std sqrt((4 + 0 + 4) / 2) = 2; jaccard 70, 70, 73: sqrt((1 + 1 + 4) / 2)
+    # hd95 10, 12 (third seed has none): 11 +- sqrt(2); asd 2, 3, 4: 3 +- 1; paper values of SPEC section 4
+    cells = [c.strip() for c in ugmcl.strip("|").split("|")]
+    assert cells[3:] == ["82.00 ± 2.00", "82.82", "71.00 ± 1.73", "72.77", "11.00 ± 1.41 (2/3 seeds)", "11.29",
+                         "3.00 ± 1.00", "2.30", "6/18"]
+    mt = next(line for line in lines if line.startswith("| Mean Teacher | 50 | 1 |"))
+    assert [c.strip() for c in mt.strip("|").split("|")][3:5] == ["50.00", "n/a"]  # one seed: no std; no paper value
+    assert "| UG-MCL | 25 | 3 | 84.00 | 73.00 | n/a | 4.00 | 6/6 |" in lines  # per-seed row of seed 3
+
+
+def test_summary_of_a_missing_file_or_unnamed_run_is_a_one_line_error(tmp_path, capsys):
+    assert summarise_results.main([str(tmp_path / "none.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    bad = _summary(tmp_path / "x" / "y" / "summary.json", "my_run", 0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(ValueError, match="<exp>_seed<seed>_<labelled>"):
+        summarise_results.load_summary(bad)
+    assert summarise_results.load_summary(bad, "ugmcl", 25, 1).metrics["dice"] == pytest.approx(50.0)
+
+
+def test_aggregate_rejects_the_same_run_twice(tmp_path):
+    path = _summary(tmp_path / "a.json", "BraTs2019_UGMCL_seed1_25", 0.8, 0.7, 10.0, 2.0)
+    result = summarise_results.load_summary(path)
+    with pytest.raises(ValueError, match="given twice"):
+        summarise_results.aggregate([result, result])
+
+
+NAMES = [f"Brats18_CASE_{i:03d}_1" for i in range(32)]
+
+
+def test_split_writer_gives_24_2_6_disjoint_seeded_lists_labelled_first(tmp_path):
+    splits = mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=3)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [24, 2, 6]
+    every = splits["train"] + splits["val"] + splits["test"]
+    assert sorted(every) == sorted(NAMES)  # disjoint and complete
+    assert mini_study.seeded_split(list(reversed(NAMES)), 24, 2, 6, seed=3) == splits  # order of discovery irrelevant
+    assert mini_study.seeded_split(NAMES, 24, 2, 6, seed=4) != splits
+    train_lines = (tmp_path / "train.txt").read_text().splitlines()
+    assert train_lines == splits["train"]
+    labelled = train_lines[:4]
+    # the trainer's labelled cases are the first 4 lines; preprocess_brats2019 keeps the lists already there
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in NAMES:
+        (data / f"{name}.h5").touch()
+    assert make_splits(NAMES, seed=999, out_dir=tmp_path)["train"][:4] == labelled
+
+
+def test_split_writer_accepts_its_own_lists_and_refuses_different_ones(tmp_path):
+    first = mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=1)
+    assert mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=1) == first
+    with pytest.raises(ValueError, match="differ from the seeded split"):
+        mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=2)
+    with pytest.raises(ValueError, match="exceed the 32 cases"):
+        mini_study.seeded_split(NAMES, 30, 2, 6, seed=1)
+
+
+def test_mini_study_dry_run_prints_preprocessing_and_one_run_per_method_and_seed(capsys, tmp_path):
+    code = mini_study.main(["--dry-run", "--raw_dir", str(tmp_path / "raw"), "--work_dir", str(tmp_path / "w"),
+                            "--dtc_model", "vnet_dt", "--seeds", "1", "2", "3"])
+    assert code == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert cmds[0][0] == "preprocess_brats2019.py"
+    assert cmds[0][cmds[0].index("--spacing") + 1] == "2"
+    parsed = [_parse_train(c) for c in cmds[1:] if c[0] != "test_3D_dt.py"]
+    tests = [test_3D_dt.build_parser().parse_args(c[1:]) for c in cmds[1:] if c[0] == "test_3D_dt.py"]
+    assert sorted({m for m, _ in parsed}) == ["dtc", "supervised", "uamt", "ugmcl"]
+    assert len(parsed) == len(tests) == 4 * 3
+    assert len({f"{a.exp}_{a.labeled_num}" for _, a in parsed}) == 12
+    for method, args in parsed:
+        assert (args.patch_size, args.labeled_num, args.max_iterations, args.device) == ([32, 32, 32], 4, 300, "cpu")
+        assert args.root_path == str(tmp_path / "w" / "preprocessed")
+        assert args.model == ("vnet_dt" if method == "dtc" else "unet_3D_dt")
+        assert args.consistency_rampup == 300  # ramp rescaled to the short run
+    assert all(t.patch_size == [32, 32, 32] and t.feature_scale == 8 for t in tests)
+
+
+def test_mini_study_reports_a_missing_raw_folder(tmp_path, capsys):
+    assert mini_study.main(["--raw_dir", str(tmp_path / "nope"), "--work_dir", str(tmp_path / "w")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 5 subprocesses (preprocess, 2 x train + test): 14 s on an idle 2-core machine, 40+ s when shared
+def test_mini_study_runs_end_to_end_on_synthetic_cases_and_then_skips_the_finished_runs(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "raw"
+    for i in range(8):
+        write_case(raw, case_name(i + 1), make_case((48, 48, 40), rng))
+    argv = ["--raw_dir", str(raw), "--work_dir", str(tmp_path / "w"), "--methods", "supervised", "ugmcl",
+            "--seeds", "1", "--max_iterations", "2", "--patch_size", "32", "32", "32", "--feature_scale", "16",
+            "--mc_passes", "2", "--val_interval", "2", "--spacing", "1",
+            "--n_train", "4", "--n_val", "2", "--n_test", "2", "--labeled_num", "2"]
+    assert mini_study.main(argv) == 0
+    report = (tmp_path / "w" / "results.md").read_text(encoding="utf-8")
+    assert "| Supervised only | 2 | 1 |" in report and "| UG-MCL | 2 | 1 |" in report
+    assert "torch" in report and "total wall time" in report
+    results = json.loads((tmp_path / "w" / "results.json").read_text(encoding="utf-8"))
+    assert sorted(r["method"] for r in results["runs"]) == ["supervised", "ugmcl"]
+    for run in results["runs"]:
+        assert 0.0 <= run["metrics"]["dice"] <= 100.0 and run["n_cases"] == 2
+        assert not math.isnan(run["extra"]["train_seconds"])
+    assert len((tmp_path / "w" / "preprocessed" / "test.txt").read_text().split()) == 2
+
+    capsys.readouterr()
+    assert mini_study.main([*argv, "--dry-run"]) == 0  # resumable: both runs done, only skip notes remain
+    out = capsys.readouterr().out
+    assert out.count("# skip BraTs2019_") == 2 and "train_" not in out and "test_3D_dt.py" not in out
