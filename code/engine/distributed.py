@@ -138,9 +138,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, resolved, owns)
 
 
-def cleanup(info: DistInfo) -> None:
-    """End the process group if :func:`init_distributed` created it."""
+def cleanup(info: DistInfo, synchronize: bool = True) -> None:
+    """End the process group if :func:`init_distributed` created it.
+
+    With ``synchronize`` (the normal end of a run) every rank first waits for the others: tearing gloo down
+    while a peer still talks to it can abort the process. After an error, pass ``False`` so a failing rank
+    exits at once and torchrun stops the others.
+    """
     if info.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -399,10 +399,13 @@ def train(cfg: TrainConfig, model_dir: str | Path = "../model", progress: bool =
         info = init_distributed(cfg.device)
     except ValueError as err:
         raise TrainingError(str(err)) from err
+    finished = False
     try:
-        return _train(cfg, info, Path(model_dir), progress, stop_after)
+        summary = _train(cfg, info, Path(model_dir), progress, stop_after)
+        finished = True
+        return summary
     finally:
-        cleanup(info)
+        cleanup(info, synchronize=finished)
 
 
 def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, stop_after: int | None) -> dict[str, Any]:

@@ -105,3 +105,34 @@ def test_cli_exits_non_zero_with_the_message(tiny_root: Path, tmp_path: Path) ->
     result = subprocess.run(cmd, cwd=CODE, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "error: --labeled_num 99 is larger than the training list" in result.stderr
+
+
+def test_supervised_part_of_the_loss_falls_when_overfitting_two_tiny_cases(tmp_path: Path) -> None:
+    """Two tiny cases, all labelled, 40 SGD steps: the network must fit them (the loss clearly falls)."""
+    from methods import UGMCL
+    from methods.base import Batch
+    from networks.net_factory_3d import net_factory_3d
+
+    root = tmp_path / "two"
+    write_synthetic_h5_dataset(root, n_cases=3, shape=(32, 32, 32), seed=5, n_val=0, n_test=1)
+    from dataloaders.brats2019 import BraTS2019
+
+    cases = [BraTS2019(str(root), split="train")[i] for i in range(2)]
+    image = torch.stack([torch.as_tensor(c["image"], dtype=torch.float32)[None] for c in cases])
+    label = torch.stack([torch.as_tensor(c["label"]).long() for c in cases])
+    batch = Batch(image, label, labeled_bs=2)
+
+    torch.manual_seed(0)
+    net = net_factory_3d("unet_3D_dt", in_chns=1, class_num=2, feature_scale=16)
+    method = UGMCL(net, tiny_config(root, mc_passes=2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    supervised = []
+    for step in range(40):
+        loss, logs = method.training_step(batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step)
+        supervised.append(logs["supervised_loss"])
+    first, last = sum(supervised[:3]) / 3, sum(supervised[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
