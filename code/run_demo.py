@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_cases", type=int, default=20)
     p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
     p.add_argument("--labeled_num", type=int, default=4)
-    p.add_argument("--max_iterations", type=int, default=300)
+    p.add_argument("--max_iterations", type=int, default=150)
     p.add_argument("--patch_size", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
     p.add_argument("--feature_scale", type=int, default=8, help="U-Net width divisor (published: 4)")
     p.add_argument("--mc_passes", type=int, default=4, help="teacher MC-dropout passes (published: 8)")
