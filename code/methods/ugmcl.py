@@ -260,10 +260,22 @@ class UGMCL(Method):
     It follows the student to the batch's device on the first step if the student was moved after this
     constructor ran.
 
+    Order of work in a step: as released, the student's forward, then the teacher's noisy pass and its T
+    Monte-Carlo passes, ``mc_chunk`` passes (``mc_chunk * B`` rows) per forward. With ``low_memory`` (default)
+    and a network that can draw its dropout masks ahead (``draw_dropout_masks``, as ``unet_3D_dt`` does):
+
+    * the student's masks are drawn first and the teacher's passes run before the student's forward, so the
+      teacher's temporaries and the student's saved activations are never alive together;
+    * each chunk of Monte-Carlo passes runs as forwards of B rows, with the masks drawn for the whole chunk.
+
+    The random numbers, masks and losses stay those of the released order (bit for bit on CPU); the peak memory
+    drops to about that of the student's forward and backward alone.
+
     Args:
         student: dual-task network returning ``(dis, logits)`` (``unet_3D_dt``; ``VNet_dt`` for the paper variant).
         cfg: the training configuration.
         generator: optional RNG for the teacher's input noise (default: the global RNG).
+        low_memory: reorder and split the work as above when the networks support it. Default True.
     Raises:
         ValueError: for an invalid option or combination.
     """
@@ -271,10 +283,13 @@ class UGMCL(Method):
     name = "ugmcl"
     uses_unlabeled = True
 
-    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None, low_memory: bool = True
+    ) -> None:
         super().__init__(student, cfg)
         _check_config(cfg)
         self.generator = generator
+        self.low_memory = low_memory
         self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
         self.teacher = create_ema_teacher(student)
         self.teacher.train()
@@ -286,16 +301,9 @@ class UGMCL(Method):
         noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
         return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
 
-    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Student forward, one noisy teacher pass (target), T noisy passes (uncertainty), the objective."""
+    def _teacher_targets(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The teacher's ``(dis, logits)`` on one noisy pass, then the uncertainty U of its T noisy passes."""
         cfg = self.cfg
-        image, label = batch.image, batch.label
-        teacher_param = next(self.teacher.parameters(), None)
-        if teacher_param is not None and teacher_param.device != image.device:
-            self.teacher.to(image.device)
-        self.teacher.train()
-
-        student_dis, student_logits = _dual_output(self.student(image), "student")
         with torch.no_grad():
             teacher_dis, teacher_logits = _dual_output(self.teacher(self._noisy(image)), "teacher")
         uncertainty, _ = mc_dropout_uncertainty(
@@ -306,7 +314,30 @@ class UGMCL(Method):
             noise_clip=cfg.noise_clip,
             chunk=cfg.mc_chunk,
             generator=self.generator,
+            max_rows=image.shape[0] if self.low_memory else 0,
         )
+        return teacher_dis, teacher_logits, uncertainty
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Student forward, one noisy teacher pass (target), T noisy passes (uncertainty), the objective."""
+        cfg = self.cfg
+        image, label = batch.image, batch.label
+        teacher_param = next(self.teacher.parameters(), None)
+        if teacher_param is not None and teacher_param.device != image.device:
+            self.teacher.to(image.device)
+        self.teacher.train()
+
+        draw_masks = getattr(getattr(self.student, "module", self.student), "draw_dropout_masks", None)
+        if self.low_memory and callable(draw_masks) and self.student.training:
+            # The student's dropout masks are drawn first, where its forward would draw them, so the teacher passes
+            # get the same random numbers as in the original order and the student the same masks; meanwhile the
+            # student's saved activations are not yet alive, so the peak memory is max(teacher, student), not sum.
+            draw_masks(image.shape, device=image.device)
+            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image)
+            student_dis, student_logits = _dual_output(self.student(image), "student")
+        else:
+            student_dis, student_logits = _dual_output(self.student(image), "student")
+            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image)
         terms = ugmcl_objective(
             student_dis,
             student_logits,

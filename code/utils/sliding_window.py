@@ -18,6 +18,7 @@ overlapping windows, argmax, padding cropped away.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from typing import Any, Callable, Literal, Sequence, Tuple
@@ -27,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.outputs import segmentation_logits
 from utils.types import Shape3D
 
 __all__ = [
+    "argmax_labels",
     "gaussian_importance_map",
     "pad_to_patch",
     "predict_sliding_window",
@@ -265,17 +268,6 @@ def _autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     raise ValueError(f"amp=True is supported on cuda and cpu devices, found {device.type!r}; use amp=False")
 
 
-def _segmentation_logits(output: Tensor | Sequence[Tensor]) -> Tensor:
-    """The segmentation logits of a network output: the tensor itself or the last element of a tuple/list."""
-    if isinstance(output, (tuple, list)):
-        if len(output) == 0:
-            raise ValueError("the network returned an empty tuple; expected logits or (..., seg_logits)")
-        output = output[-1]
-    if not isinstance(output, Tensor):
-        raise ValueError(f"the network must return a tensor or a tuple ending with one, found {type(output)}")
-    return output
-
-
 def _set_dropout_train(net: nn.Module) -> None:
     """Eval mode except the dropout layers (MC dropout): norms keep their eval behaviour and running stats."""
     net.eval()
@@ -306,6 +298,7 @@ def sliding_window_probabilities(
     amp: bool = False,
     mc_passes: int = 0,
     device: torch.device | str | None = None,
+    fast: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax probabilities of a segmentation network over a whole volume, optionally with uncertainty.
 
@@ -334,6 +327,10 @@ def sliding_window_probabilities(
         mc_passes: number T of MC-dropout passes per window; 0 (default) = one deterministic eval-mode pass.
         device: where the network runs and the volume accumulates. Default: the device of the network's first
             parameter (CPU for a network without parameters).
+        fast: run a copy of ``net`` with its weights in ``channels_last_3d`` and, for this project's U-Nets, the
+            fused norm + ReLU step (``networks.unet_3D.to_channels_last`` / ``set_fused_norm``); ``net`` itself is
+            not changed. About 1.5-2x faster on CPU; the probabilities agree with the plain path to float rounding
+            (~1e-6), so labels can differ only at near-ties. Default False.
 
     Returns:
         ``(probabilities, uncertainty)``: (K, D, H, W) float32 on ``device``, and the (D, H, W) entropy map when
@@ -352,10 +349,12 @@ def sliding_window_probabilities(
     device = torch.device(device)
     autocast_dtype = _autocast_dtype(device, amp)
     tensor = _as_image_tensor(image, device)
+    if fast:
+        net = _fast_copy(net)
 
     def softmax_of(batch: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = _segmentation_logits(net(batch))
+            logits = segmentation_logits(net(batch))
         return torch.softmax(logits.float(), dim=1)
 
     def predict(batch: Tensor) -> Tensor:
@@ -393,13 +392,14 @@ def predict_volume_labels(
     amp: bool = False,
     mc_passes: int = 0,
     device: torch.device | str | None = None,
+    fast: bool = False,
 ) -> np.ndarray:
     """Label map of a volume: argmax over classes of :func:`sliding_window_probabilities`.
 
     Args:
-        net, image, patch, stride_xy, stride_z, blend, batch_size, tta_flip, amp, mc_passes, device: as in
+        net, image, patch, stride_xy, stride_z, blend, batch_size, tta_flip, amp, mc_passes, device, fast: as in
             :func:`sliding_window_probabilities` (defaults: patch (96, 96, 96), strides 64, the original's
-            uniform averaging, one deterministic pass).
+            uniform averaging, one deterministic pass, the plain network).
 
     Returns:
         (D, H, W) uint8 numpy array of class indices (ties go to the lower class).
@@ -408,8 +408,38 @@ def predict_volume_labels(
         ValueError: as :func:`sliding_window_probabilities`, or for more than 256 classes.
     """
     probabilities, _ = sliding_window_probabilities(
-        net, image, patch, stride_xy, stride_z, blend, batch_size, tta_flip, amp, mc_passes, device
+        net, image, patch, stride_xy, stride_z, blend, batch_size, tta_flip, amp, mc_passes, device, fast
     )
     if probabilities.shape[0] > 256:
         raise ValueError(f"uint8 labels hold at most 256 classes, the network gave {probabilities.shape[0]}")
-    return torch.argmax(probabilities, dim=0).to(torch.uint8).cpu().numpy()
+    return argmax_labels(probabilities).cpu().numpy()
+
+
+def argmax_labels(probabilities: Tensor) -> Tensor:
+    """Class labels of (K, D, H, W) scores: ``torch.argmax(probabilities, 0).to(torch.uint8)``, faster.
+
+    The first class wins ties, as with ``torch.argmax``. One elementwise comparison per class: ``torch.argmax`` over
+    the outer axis of a large volume is a strided reduction, ~50x slower (a quarter of a second for a BraTS-sized
+    volume on two cores).
+
+    Args:
+        probabilities: (K, D, H, W) scores, K <= 256.
+
+    Returns:
+        (D, H, W) uint8 tensor on the same device.
+    """
+    with torch.inference_mode():
+        best = probabilities[0]
+        labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+        for k in range(1, probabilities.shape[0]):
+            better = probabilities[k] > best
+            labels.masked_fill_(better, k)
+            best = torch.where(better, probabilities[k], best)
+        return labels
+
+
+def _fast_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with channels-last weights and, where it has them, fused norm + ReLU blocks."""
+    from networks.unet_3D import set_fused_norm, to_channels_last  # utils does not depend on networks otherwise
+
+    return set_fused_norm(to_channels_last(copy.deepcopy(net)))

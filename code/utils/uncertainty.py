@@ -18,6 +18,7 @@ from typing import Callable, cast
 import torch
 from torch import Tensor, nn
 
+from networks.outputs import segmentation_logits
 from utils.ramps import sigmoid_rampup
 
 __all__ = ["entropy_of_mean_softmax", "mc_dropout_uncertainty", "uncertainty_threshold"]
@@ -49,13 +50,6 @@ def entropy_of_mean_softmax(logits_stack: Tensor, eps: float = _LOG_EPS) -> tupl
     return _entropy(mean_prob, eps), mean_prob
 
 
-def _last_output(output: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """The segmentation logits of a network output: the output itself, or the last element of a tuple."""
-    if isinstance(output, (tuple, list)):
-        return output[-1]
-    return output
-
-
 @torch.no_grad()
 def mc_dropout_uncertainty(
     teacher: nn.Module,
@@ -67,6 +61,7 @@ def mc_dropout_uncertainty(
     generator: torch.Generator | None = None,
     logits_fn: Callable[[object], Tensor] | None = None,
     eps: float = _LOG_EPS,
+    max_rows: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Entropy of the teacher's mean softmax over ``passes`` noisy, dropout-on forward passes.
 
@@ -88,11 +83,16 @@ def mc_dropout_uncertainty(
             ``None`` uses the global RNG.
         logits_fn: maps the network output to its (B, C, D, H, W) logits.
         eps: added inside the log (1e-6 as released).
+        max_rows: largest batch per forward pass; 0 (default) = ``chunk * B``. For a teacher that can draw its
+            dropout masks ahead (``draw_dropout_masks``, as ``networks.unet_3D.unet_3D_dt``), a chunk is then run
+            in forwards of at most ``max_rows`` rows with the masks drawn for the whole chunk: the same random
+            numbers and masks as one forward of the chunk, at the peak memory of ``max_rows`` rows. Other
+            teachers ignore it (splitting would change their masks).
     Returns:
         ``(uncertainty, mean_prob)``: (B, 1, D, H, W) and (B, C, D, H, W).
     Raises:
-        ValueError: if ``passes`` < 1, ``chunk`` < 0, ``noise_clip`` < 0 or the teacher's output rows do not
-            match its input batch.
+        ValueError: if ``passes`` < 1, ``chunk`` < 0, ``max_rows`` < 0, ``noise_clip`` < 0 or the teacher's output
+            rows do not match its input batch.
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, but found {passes}")
@@ -100,7 +100,9 @@ def mc_dropout_uncertainty(
         raise ValueError(f"chunk must be >= 0 (0 = all passes at once), but found {chunk}")
     if noise_clip < 0:
         raise ValueError(f"noise_clip must be >= 0, but found {noise_clip}")
-    extract = logits_fn if logits_fn is not None else _last_output
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 (0 = a whole chunk per forward), but found {max_rows}")
+    extract = logits_fn if logits_fn is not None else segmentation_logits
     chunk = passes if chunk == 0 else min(chunk, passes)
     batch = image.shape[0]
 
@@ -115,7 +117,12 @@ def mc_dropout_uncertainty(
         for start in range(0, passes, chunk):
             n = min(chunk, passes - start)
             noisy = (image.unsqueeze(0) + noise[start : start + n]).reshape(n * batch, *image.shape[1:])
-            logits = extract(teacher(noisy))
+            draw_masks = getattr(teacher, "draw_dropout_masks", None)
+            if 0 < max_rows < n * batch and callable(draw_masks):
+                draw_masks(noisy.shape, dtype=noisy.dtype, device=noisy.device)
+                logits = torch.cat([extract(teacher(rows)) for rows in noisy.split(max_rows)])
+            else:
+                logits = extract(teacher(noisy))
             if logits.shape[0] != n * batch:
                 raise ValueError(
                     f"the teacher returned {logits.shape[0]} rows for an input of {n * batch} rows "

@@ -1,0 +1,169 @@
+"""Time sliding-window prediction of whole volumes with ``unet_3D_dt``: plain against the fast path (issue #7).
+
+Run from the repository root::
+
+    python bench/bench_infer.py                               # 128x128x96 and 144x176x144, patch 96, stride 64
+    python bench/bench_infer.py --shapes 128 128 96 --repeats 3
+    python bench/bench_infer.py --checkpoint ../model/.../unet_3D_dt_best_model.pth --malloc
+
+For each volume shape, every combination of blending (uniform as released, gaussian), windows per forward pass
+(``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
+
+* ``plain``: the network as released (contiguous layout, ``InstanceNorm3d`` + ``ReLU`` modules);
+* ``fast``: ``fast=True``, a channels-last copy with the fused norm + ReLU step.
+
+The volume is a seeded synthetic head: a smooth ellipsoid "brain" with a brighter blob and noise, zero outside.
+The network is ``unet_3D_dt`` with seeded random weights, or ``--checkpoint`` (a plain ``state_dict``). Each row
+gives the median wall and CPU seconds per volume over ``--repeats`` runs (after one warm-up), the speed-up over
+the plain path with the same blending and batch and over the released algorithm (plain, uniform, one window at a
+time), and the share of voxels whose label equals the released algorithm's. ``--malloc`` / ``--thp`` apply the
+allocator settings of ``bench_train.py``'s ``+malloc`` / ``+thp`` rows to the whole run. A random network leaves many voxels at
+probability ~0.5, where float rounding can flip a label; a trained one far fewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import keep_freed_memory  # noqa: E402
+
+
+def make_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """A (D, H, W) float32 z-scored "head": ellipsoid brain, a bright blob, Gaussian noise, zero background."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    grid = np.stack(np.meshgrid(*(np.linspace(-1.0, 1.0, s, dtype=np.float32) for s in shape), indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    centre = rng.uniform(-0.3, 0.3, size=3).astype(np.float32)
+    blob = np.exp(-(((grid - centre[:, None, None, None]) ** 2).sum(0)) / 0.02)
+    volume = (0.5 * grid[0] + 2.5 * blob + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+    volume[~brain] = 0.0
+    inside = volume[brain]
+    volume[brain] = (inside - inside.mean()) / inside.std()
+    return volume
+
+
+def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
+    walls, cpus, out = [], [], None
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus), out  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        type=int,
+        nargs="+",
+        default=[128, 128, 96, 144, 176, 144],
+        help="volume shapes, three ints each. Default 128 128 96 144 176 144",
+    )
+    parser.add_argument("--patch", type=int, default=96, help="cubic patch side. Default 96")
+    parser.add_argument("--stride", type=int, default=64, help="stride on all axes. Default 64")
+    parser.add_argument("--sw_batch", type=int, nargs="+", default=[1, 4], help="windows per pass. Default 1 4")
+    parser.add_argument("--blends", nargs="+", default=["uniform", "gaussian"], choices=["uniform", "gaussian"])
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median). Default 1")
+    parser.add_argument("--checkpoint", default=None, help="a unet_3D_dt state_dict (.pth); default random weights")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--malloc", action="store_true", help="glibc keeps freed memory (bench_train's +malloc)")
+    parser.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (bench_train's +thp)")
+    args = parser.parse_args(argv)
+    if len(args.shapes) % 3:
+        parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
+    if args.malloc and not keep_freed_memory():
+        print("mallopt is not available here; --malloc ignored", file=sys.stderr)
+    if args.thp:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first allocation
+
+    import torch
+
+    from networks.unet_3D import unet_3D_dt
+    from utils.sliding_window import predict_volume_labels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = unet_3D_dt(n_classes=2, in_channels=1)
+    if args.checkpoint:
+        net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    net.eval()
+
+    shapes = [tuple(args.shapes[i : i + 3]) for i in range(0, len(args.shapes), 3)]
+    rows = []
+    for shape in shapes:
+        volume = make_volume(shape)
+
+        def run(blend: str, sw_batch: int, fast: bool, volume: np.ndarray = volume) -> np.ndarray:
+            return predict_volume_labels(
+                net, volume, (args.patch,) * 3, args.stride, args.stride, blend=blend, batch_size=sw_batch, fast=fast
+            )
+
+        run("uniform", 1, True)  # warm-up: oneDNN primitives, allocator
+        reference = None
+        released_time = 0.0
+        plain_time: dict[tuple[str, int], float] = {}
+        for blend in args.blends:
+            for sw_batch in args.sw_batch:
+                for fast in (False, True):
+                    wall, cpu, labels = _time(lambda b=blend, n=sw_batch, f=fast: run(b, n, f), args.repeats)
+                    if reference is None:  # plain, uniform, first batch size: the released algorithm
+                        reference, released_time = labels, wall
+                    if not fast:
+                        plain_time[(blend, sw_batch)] = wall
+                    agreement = float((labels == reference).mean())
+                    speed = (plain_time[(blend, sw_batch)] / wall, released_time / wall)
+                    rows.append(
+                        (
+                            shape,
+                            blend,
+                            sw_batch,
+                            "fast" if fast else "plain",
+                            wall,
+                            cpu,
+                            speed,
+                            agreement,
+                            int((labels != reference).sum()),
+                        )
+                    )
+                    print(
+                        f"  {shape} {blend} sw_batch {sw_batch} {'fast' if fast else 'plain'}: {wall:.2f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    print(
+        f"\nSliding window, patch {args.patch}^3, stride {args.stride}, {torch.get_num_threads()} threads, "
+        f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights (seed 0)'}"
+        f"{', malloc keeps freed memory' if args.malloc else ''}{', THP allocations' if args.thp else ''}; "
+        f"load average {os.getloadavg()[0]:.2f}\n"
+    )
+    print(
+        "| volume | blend | sw_batch | network | s/volume (wall) | CPU s | speed-up vs plain (same blend, batch) "
+        "| vs released (plain, uniform, 1) | labels = released |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ in rows:
+        print(
+            f"| {'x'.join(map(str, shape))} | {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} | {speed[0]:.2f}x "
+            f"| {speed[1]:.2f}x | {agreement:.6%} ({differ} differ) |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
