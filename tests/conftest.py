@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +29,16 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real BraTS samples not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path, handler: type = http.server.SimpleHTTPRequestHandler) -> Iterator[str]:
+    """Serve ``root`` over HTTP on 127.0.0.1 (a free port) in a thread; yield the base URL. No test leaves the host."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import serve_folder
 from torch import nn
 
 from download_pretrained import main
@@ -32,14 +31,8 @@ def mirror(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """(folder, base URL) of a local HTTP server; files go under ``folder/model/...`` as in the repository."""
     root = tmp_path / "mirror"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(root, _QuietHandler) as url:
+        yield root, url
 
 
 def _blob_id(data: bytes) -> str:

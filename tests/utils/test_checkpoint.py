@@ -5,20 +5,19 @@ No test touches the internet: downloads come from an ``http.server`` on 127.0.0.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import serve_folder
 from torch import nn
 
 from utils.checkpoint import (
@@ -58,14 +57,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """(folder, base URL) of a local HTTP server serving that folder."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(root, _QuietHandler) as url:
+        yield root, url
 
 
 def _blob_id(data: bytes) -> str:
