@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.outputs import segmentation_logits
+from networks.unet_3D import set_fused_norm, to_channels_last
 from utils.types import Shape3D
 
 __all__ = [
@@ -440,6 +441,4 @@ def argmax_labels(probabilities: Tensor) -> Tensor:
 
 def _fast_copy(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with channels-last weights and, where it has them, fused norm + ReLU blocks."""
-    from networks.unet_3D import set_fused_norm, to_channels_last  # utils does not depend on networks otherwise
-
     return set_fused_norm(to_channels_last(copy.deepcopy(net)))
