@@ -30,12 +30,13 @@ Note:
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from networks.input_checks import SIDE_MULTIPLE, check_volume
 
 __all__ = [
     "unet_3D",
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 _BASE_FILTERS = (64, 128, 256, 512, 1024)
-_SIDE_MULTIPLE = 16  # 2 ** (number of max-poolings)
 
 
 def _kaiming_init_convs(module: nn.Module) -> None:
@@ -59,26 +59,6 @@ def _kaiming_init_convs(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-
-
-def _check_volume(x: Tensor, in_channels: int, name: str, instance_norm: bool) -> None:
-    """Raise a one-line ``ValueError`` for an input the U-Net cannot take (see the module ``Note``)."""
-    if x.dim() != 5:
-        raise ValueError(f"{name} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{name} was built for {in_channels} input channel(s), got {x.shape[1]} in {tuple(x.shape)}")
-    size = tuple(x.shape[2:])
-    if any(s % _SIDE_MULTIPLE for s in size):
-        raise ValueError(
-            f"{name} needs every spatial side to be a multiple of {_SIDE_MULTIPLE} (4 poolings by 2), "
-            f"got spatial size {size}; pad or crop the input"
-        )
-    if instance_norm and math.prod(size) <= _SIDE_MULTIPLE**3:
-        # InstanceNorm over a single bottleneck voxel is undefined (torch raises deep inside the model).
-        raise ValueError(
-            f"{name} with InstanceNorm needs more than one bottleneck voxel, i.e. a spatial size larger than "
-            f"{(_SIDE_MULTIPLE,) * 3}, got {size}"
-        )
 
 
 def _filters(feature_scale: int) -> list[int]:
@@ -473,7 +453,7 @@ class _UNet3DTrunk(nn.Module):
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Return the four skip maps (full, 1/2, 1/4, 1/8 resolution) and the bottleneck (1/16)."""
-        _check_volume(x, self.in_channels, type(self).__name__, self.is_batchnorm)
+        check_volume(x, self.in_channels, type(self).__name__, self.is_batchnorm)
         conv1 = self.conv1(x)
         conv2 = self.conv2(self.maxpool1(conv1))
         conv3 = self.conv3(self.maxpool2(conv2))
@@ -549,14 +529,14 @@ class unet_3D(_UNet3DTrunk):  # noqa: N801 - the published name
             ValueError: if ``input_shape`` is not an input this network accepts.
         """
         shape = tuple(int(s) for s in input_shape)
-        _check_volume(torch.empty(shape, device="meta"), self.in_channels, type(self).__name__, self.is_batchnorm)
+        check_volume(torch.empty(shape, device="meta"), self.in_channels, type(self).__name__, self.is_batchnorm)
         self._drawn_masks = None
         if not self.training:
             return
         if device is None:
             device = next(self.parameters()).device
         rows, spatial = shape[0], shape[2:]
-        center = (rows, self.filters[4], *(s // _SIDE_MULTIPLE for s in spatial))
+        center = (rows, self.filters[4], *(s // SIDE_MULTIPLE for s in spatial))
         full = (rows, self.filters[0], *spatial)
         first = _dropout_noise(self.dropout1, center, dtype, torch.device(device)) != 0
         second = _dropout_noise(self.dropout2, full, dtype, torch.device(device)) != 0

@@ -27,11 +27,12 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from networks.input_checks import check_volume
+
 __all__ = ["VNet", "VNet_dt", "Normalization", "NORMALIZATIONS"]
 
 Normalization = Literal["batchnorm", "groupnorm", "instancenorm", "none"]
 NORMALIZATIONS: tuple[str, ...] = ("batchnorm", "groupnorm", "instancenorm", "none")
-_SIDE_MULTIPLE = 16  # 2 ** (number of stride-2 downsamplings)
 _GROUPS = 16  # GroupNorm groups in UA-MT / DTC
 
 
@@ -130,7 +131,7 @@ class _VNetTrunk(nn.Module):
 
     def _features(self, x: Tensor, turnoff_drop: bool) -> Tensor:
         """(B, n_channels, D, H, W) -> last decoder features (B, n_filters, D, H, W)."""
-        _check_volume(x, self.n_channels, type(self).__name__, self.normalization == "instancenorm")
+        check_volume(x, self.n_channels, type(self).__name__, self.normalization == "instancenorm")
         drop = self.has_dropout and not turnoff_drop
         x1 = self.block_one(x)
         x2 = self.block_two(self.block_one_dw(x1))
@@ -146,26 +147,6 @@ class _VNetTrunk(nn.Module):
         if drop:
             x9 = self.dropout(x9)
         return x9
-
-
-def _check_volume(x: Tensor, in_channels: int, name: str, per_sample_norm: bool) -> None:
-    """Raise a one-line ``ValueError`` for an input the V-Net cannot take (see the module ``Note``)."""
-    if x.dim() != 5:
-        raise ValueError(f"{name} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{name} was built for {in_channels} input channel(s), got {x.shape[1]} in {tuple(x.shape)}")
-    size = tuple(x.shape[2:])
-    if any(s % _SIDE_MULTIPLE for s in size):
-        raise ValueError(
-            f"{name} needs every spatial side to be a multiple of {_SIDE_MULTIPLE} (4 downsamplings by 2), "
-            f"got spatial size {size}; pad or crop the input"
-        )
-    if per_sample_norm and math.prod(size) <= _SIDE_MULTIPLE**3:
-        # InstanceNorm over a single deepest voxel is undefined (torch raises deep inside the model).
-        raise ValueError(
-            f"{name} with instancenorm needs more than one voxel at the deepest level, i.e. a spatial size "
-            f"larger than {(_SIDE_MULTIPLE,) * 3}, got {size}"
-        )
 
 
 class VNet(_VNetTrunk):
