@@ -89,6 +89,8 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16)")
     g.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pth")
+    g.add_argument("--fast_network", action="store_true",
+                   help="fused InstanceNorm+ReLU and channels_last_3d: faster, same maths, not bit-identical")
     g.add_argument("--stride_xy", type=int, default=d.stride_xy, help="validation sliding-window stride")
     g.add_argument("--stride_z", type=int, default=d.stride_z)
     g.add_argument("--sw_batch", type=int, default=d.sw_batch)

@@ -55,6 +55,7 @@ class TrainConfig:
     num_workers: int = 4
     device: str = "auto"
     amp: bool = False
+    fast_network: bool = False  # fused InstanceNorm + ReLU and channels_last_3d (U-Nets): ~1.45x on CPU, not bit-exact
     resume: bool = False
     stride_xy: int = 64
     stride_z: int = 64

@@ -63,6 +63,7 @@ from methods import METHODS
 from methods.base import Batch, Method
 from networks.net_factory_3d import net_factory_3d
 from networks.outputs import segmentation_logits
+from networks.unet_3D import set_fused_norm, to_channels_last
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
@@ -435,7 +436,9 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
     if cfg.deterministic:
         set_deterministic(True)
     student = build_network(cfg).to(device)
-    if device.type == "cuda":
+    if cfg.fast_network:  # fused InstanceNorm + ReLU and channels-last: same maths, float rounding differs
+        student = to_channels_last(set_fused_norm(student))
+    elif device.type == "cuda":
         student = student.to(memory_format=torch.channels_last_3d)
     # DDP (averages the gradients) with several processes, else the student itself
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))

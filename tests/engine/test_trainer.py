@@ -136,3 +136,15 @@ def test_supervised_part_of_the_loss_falls_when_overfitting_two_tiny_cases(tmp_p
         supervised.append(logs["supervised_loss"])
     first, last = sum(supervised[:3]) / 3, sum(supervised[-3:]) / 3
     assert last < 0.6 * first, (first, last)
+
+
+def test_fast_network_option_trains_and_saves_a_plain_loadable_state_dict(tiny_root: Path, tmp_path: Path) -> None:
+    from networks.net_factory_3d import net_factory_3d
+
+    cfg = tiny_config(tiny_root, max_iterations=2, val_interval=2, fast_network=True)
+    train(cfg, model_dir=tmp_path, progress=False)
+    out = tmp_path / "tiny_2" / "unet_3D_dt"
+    plain = net_factory_3d("unet_3D_dt", in_chns=1, class_num=2, feature_scale=16)
+    plain.load_state_dict(torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True))
+    log = (out / "log.txt").read_text()
+    assert '"fast_network": true' in log and "iteration 2 : loss" in log
