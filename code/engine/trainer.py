@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.brats2019 import BraTS2019
+from dataloaders.brats2019 import BraTS2019, read_split_file
 from dataloaders.samplers import TwoStreamBatchSampler
 from dataloaders.transforms import RandomCrop, RandomRotFlip, ToTensor
 from engine.config import TrainConfig
@@ -122,7 +122,10 @@ def _read_split(root: Path, split: str) -> list[str]:
             f"split list {path} not found: prepare the data with `python preprocess_brats2019.py --raw_dir RAW "
             f"--out_dir {root}` (see data/README.md) or run the synthetic demo with `make demo`"
         )
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return read_split_file(path)
+    except ValueError as err:  # a name listed twice
+        raise TrainingError(str(err)) from err
 
 
 def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
