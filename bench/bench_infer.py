@@ -10,7 +10,10 @@ For each volume shape, every combination of blending (uniform as released, gauss
 (``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
 
 * ``plain``: the network as released (contiguous layout, ``InstanceNorm3d`` + ``ReLU`` modules);
-* ``fast``: ``fast=True``, a channels-last copy with the fused norm + ReLU step.
+* ``fast``: ``fast=True``, a channels-last copy with the fused norm + ReLU step;
+* ``fast+amp`` (with ``--amp``): ``fast`` under bf16 autocast (fp16 on GPUs without bf16).
+
+``--device cuda`` runs on the GPU (with cuDNN autotuning, after one warm-up per path and batch size).
 
 The volume is a seeded synthetic head: a smooth ellipsoid "brain" with a brighter blob and noise, zero outside.
 The network is ``unet_3D_dt`` with seeded random weights, or ``--checkpoint`` (a plain ``state_dict``). Each row
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--malloc", action="store_true", help="glibc keeps freed memory (bench_train's +malloc)")
     parser.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (bench_train's +thp)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto. Default cpu")
+    parser.add_argument("--amp", action="store_true", help="add a fast+amp row (bf16/fp16 autocast)")
     args = parser.parse_args(argv)
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
@@ -93,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from networks.unet_3D import unet_3D_dt
+    from utils.device import get_device
     from utils.sliding_window import predict_volume_labels
+
+    device = get_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed window shapes: let cuDNN pick its fastest kernels once
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,24 +113,31 @@ def main(argv: list[str] | None = None) -> int:
         net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     net.eval()
 
+    net.to(device)
+    paths = ["plain", "fast"] + (["fast+amp"] if args.amp else [])
     shapes = [tuple(args.shapes[i : i + 3]) for i in range(0, len(args.shapes), 3)]
     rows = []
     for shape in shapes:
         volume = make_volume(shape)
 
-        def run(blend: str, sw_batch: int, fast: bool, volume: np.ndarray = volume) -> np.ndarray:
+        def run(blend: str, sw_batch: int, path: str, volume: np.ndarray = volume) -> np.ndarray:
             return predict_volume_labels(
-                net, volume, (args.patch,) * 3, args.stride, args.stride, blend=blend, batch_size=sw_batch, fast=fast
+                net, volume, (args.patch,) * 3, args.stride, args.stride, blend=blend, batch_size=sw_batch,
+                fast=path != "plain", amp=path == "fast+amp", device=device,
             )
 
-        run("uniform", 1, True)  # warm-up: oneDNN primitives, allocator
+        # warm-up: oneDNN primitives and the allocator (one run); on CUDA cuDNN autotunes each shape and dtype
+        for path in paths if device.type == "cuda" else ["fast"]:
+            for sw_batch in args.sw_batch if device.type == "cuda" else args.sw_batch[:1]:
+                run("uniform", sw_batch, path)
         reference = None
         released_time = 0.0
         plain_time: dict[tuple[str, int], float] = {}
         for blend in args.blends:
             for sw_batch in args.sw_batch:
-                for fast in (False, True):
-                    wall, cpu, labels = _time(lambda b=blend, n=sw_batch, f=fast: run(b, n, f), args.repeats)
+                for path in paths:
+                    fast = path != "plain"
+                    wall, cpu, labels = _time(lambda b=blend, n=sw_batch, f=path: run(b, n, f), args.repeats)
                     if reference is None:  # plain, uniform, first batch size: the released algorithm
                         reference, released_time = labels, wall
                     if not fast:
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                             shape,
                             blend,
                             sw_batch,
-                            "fast" if fast else "plain",
+                            path,
                             wall,
                             cpu,
                             speed,
@@ -141,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     print(
-                        f"  {shape} {blend} sw_batch {sw_batch} {'fast' if fast else 'plain'}: {wall:.2f} s",
+                        f"  {shape} {blend} sw_batch {sw_batch} {path}: {wall:.2f} s",
                         file=sys.stderr,
                         flush=True,
                     )
 
     print(
-        f"\nSliding window, patch {args.patch}^3, stride {args.stride}, {torch.get_num_threads()} threads, "
+        f"\nSliding window, patch {args.patch}^3, stride {args.stride}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
         f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights (seed 0)'}"
         f"{', malloc keeps freed memory' if args.malloc else ''}{', THP allocations' if args.thp else ''}; "
         f"load average {os.getloadavg()[0]:.2f}\n"

@@ -208,6 +208,7 @@ def segment_volume(
     amp: bool = False,
     lcc: bool = False,
     device: torch.device | str | None = None,
+    fast: bool = False,
 ) -> Segmentation:
     """Segment a raw FLAIR volume and return the result in the volume's own voxel grid.
 
@@ -219,7 +220,7 @@ def segment_volume(
         affine: its 4x4 voxel-to-world matrix (any orientation, any voxel size).
         spacing: isotropic grid in mm the network works on (default 1.0, the BraTS grid); None keeps the
             input's voxels. Voxels within 0.1 % of it are not resampled.
-        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device: see
+        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast: see
             :func:`engine.evaluate.predict_case`.
         lcc: keep only the largest connected tumour component. Default False.
 
@@ -251,7 +252,7 @@ def segment_volume(
         image = _resize(image, grid_shape, order=1).astype(np.float32)
 
     labels, uncertainty, probabilities = predict_case(
-        net, image, tuple(patch_size), stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device
+        net, image, tuple(patch_size), stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast
     )
     if resample:
         probabilities = _resize(probabilities, cropped_shape, order=1)
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
     parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
     parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument("--fast", action="store_true", help="CPU: run a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal the plain path up to float rounding at near-ties (no gain on CUDA)")
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
     parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
     return parser
@@ -386,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             amp=args.amp,
             lcc=args.lcc,
             device=device,
+            fast=args.fast,
         )
         write_like(args.output, result.labels, reference, np.uint8)
         if args.uncertainty and result.uncertainty is not None:

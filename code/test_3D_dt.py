@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
     parser.add_argument("--mc_passes", type=int, default=0, help="MC-dropout passes for uncertainty (0 = off)")
     parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
+        "the plain path up to float rounding at near-ties (no gain on CUDA)",
+    )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
     parser.add_argument("--out_dir", default=None, help="output folder; default <model_dir>/<exp>/<model>_predictions")
     parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
@@ -113,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mc_passes=args.mc_passes,
             amp=args.amp,
             device=device,
+            fast=args.fast,
             lcc=args.lcc,
             native=args.native,
             metric_backend=args.metric_backend,

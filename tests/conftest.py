@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ``../shared`` beside the checkout; ``UGMCL_SHARED`` points elsewhere (e.g. a copy carried to a GPU machine)
+SHARED = Path(os.environ.get("UGMCL_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "design" / "golden"
 REAL_DATA = SHARED / "data" / "brats2018_samples"
 

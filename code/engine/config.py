@@ -55,7 +55,8 @@ class TrainConfig:
     num_workers: int = 4
     device: str = "auto"
     amp: bool = False
-    fast_network: bool = False  # fused InstanceNorm + ReLU and channels_last_3d (U-Nets): ~1.45x on CPU, not bit-exact
+    fast_network: bool = False  # CPU: fused InstanceNorm + ReLU, channels_last_3d (U-Nets): ~1.45x, not bit-exact
+    low_memory: int = 1  # UG-MCL: teacher passes first, B rows per forward (same losses, ~1/3 the peak memory)
     resume: bool = False
     stride_xy: int = 64
     stride_z: int = 64

@@ -192,6 +192,7 @@ def predict_case(
     mc_passes: int = 0,
     amp: bool = False,
     device: torch.device | str | None = None,
+    fast: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Label map, optional MC-dropout uncertainty and class probabilities of one volume.
 
@@ -212,6 +213,8 @@ def predict_case(
         mc_passes: T; 0 (default) = no uncertainty.
         amp: mixed precision (see the sliding window). Default False.
         device: where to run; default the network's device.
+        fast: predict with a channels-last, fused-norm copy of ``net`` (the sliding window's ``fast``): about
+            1.6x faster on CPU, the same probabilities up to float rounding. Default False.
 
     Returns:
         ``(labels, uncertainty, probabilities)``: (D, H, W) uint8; (D, H, W) float32 or None; (K, D, H, W)
@@ -226,6 +229,7 @@ def predict_case(
         tta_flip=tta,
         amp=amp,
         device=device,
+        fast=fast,
     )
     probabilities, _ = sliding_window_probabilities(net, image, mc_passes=0, **common)  # type: ignore[arg-type]
     labels = torch.argmax(probabilities, dim=0).to(torch.uint8).cpu().numpy()
@@ -387,6 +391,7 @@ def evaluate(
     mc_passes: int = 0,
     amp: bool = False,
     device: torch.device | str | None = None,
+    fast: bool = False,
     lcc: bool = False,
     native: bool = False,
     metric_backend: str = "fast",
@@ -410,7 +415,7 @@ def evaluate(
         out_dir: output folder (created; only the files named in the module docstring are written, existing
             files with other names are never touched). None writes nothing.
         split: split list name. Default ``"test"``.
-        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp: see :func:`predict_case`.
+        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, fast: see :func:`predict_case`.
         device: where to run; default the network's device.
         lcc: keep only the largest connected foreground component (:func:`keep_largest_component`). Default False.
         native: also write ``<case>_pred_native.nii.gz`` in the original scan's grid and affine
@@ -472,6 +477,7 @@ def evaluate(
         "tta": tta,
         "mc_passes": mc_passes,
         "amp": amp,
+        "fast": fast,
         "device": str(device if device is not None else _net_device(net)),
         "lcc": lcc,
         "native": native,
@@ -490,7 +496,7 @@ def evaluate(
 
         tic = time.perf_counter()
         pred, uncertainty, _ = predict_case(
-            net, image, patch, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device
+            net, image, patch, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast
         )
         if lcc:
             pred = keep_largest_component(pred)

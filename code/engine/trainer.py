@@ -91,6 +91,12 @@ def check_config(cfg: TrainConfig) -> None:
     """
     if len(cfg.patch_size) != 3 or any(int(p) <= 0 or int(p) % 16 for p in cfg.patch_size):
         raise TrainingError(f"--patch_size must be three positive multiples of 16, got {list(cfg.patch_size)}")
+    px, py, pz = (int(p) for p in cfg.patch_size)
+    if not (0 < cfg.stride_xy <= min(px, py) and 0 < cfg.stride_z <= pz):
+        raise TrainingError(
+            f"validation strides --stride_xy {cfg.stride_xy} / --stride_z {cfg.stride_z} must be positive and at most "
+            f"the patch {list(cfg.patch_size)} (x, y / z), or the sliding windows leave gaps"
+        )
     if cfg.method not in METHODS:
         raise TrainingError(f"unknown --method {cfg.method!r}; choose one of {sorted(METHODS)}")
     if cfg.labeled_bs < 1:
@@ -271,13 +277,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _save_latest(path: Path, student: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
@@ -301,9 +307,17 @@ def _save_latest(path: Path, student: nn.Module, method: Method, optimizer: torc
     atomic_torch_save(state, path)
 
 
-def _load_latest(path: Path, device: torch.device) -> dict[str, Any]:
+def _cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """``net.state_dict()`` with every tensor on the CPU: a published-format file that plain ``torch.load`` opens
+    on a machine without the GPU it was trained on."""
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def _load_latest(path: Path) -> dict[str, Any]:
+    """``checkpoint_latest.pth`` with every tensor on the CPU: ``load_state_dict`` copies weights and optimizer
+    state to the model's device, and the RNG setters take CPU byte tensors only."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is reported the same way
         raise TrainingError(f"cannot resume from {path}: {type(err).__name__}: {err}") from err
 
@@ -433,16 +447,15 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
         if cfg.resume and main:  # rank 0 reads the checkpoint and broadcasts it: other nodes need no copy
             if not latest.is_file():
                 raise TrainingError(f"--resume given but {latest} does not exist")
-            state = _load_latest(latest, torch.device("cpu") if info.is_distributed else device)
+            state = _load_latest(latest)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    if cfg.deterministic:
-        set_deterministic(True)
+    set_deterministic(bool(cfg.deterministic))  # 0: cuDNN autotuning (benchmark mode) on CUDA
     student = build_network(cfg).to(device)
-    if cfg.fast_network:  # fused InstanceNorm + ReLU and channels-last: same maths, float rounding differs
+    if cfg.fast_network and device.type == "cpu":
+        # fused InstanceNorm + ReLU and channels-last: same maths, float rounding differs. CPU only: on CUDA
+        # (measured on an H200, bench/profile_train_step.py) cuDNN's plain contiguous network is the fastest.
         student = to_channels_last(set_fused_norm(student))
-    elif device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last_3d)
     # DDP (averages the gradients) with several processes, else the student itself
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
     method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
@@ -515,8 +528,8 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
                     logger.info("iteration %d : val dice %.4f hd95 %.2f", iteration, metrics["dice"], metrics["hd95"])
                     if metrics["dice"] > best["dice"]:
                         best = {"dice": float(metrics["dice"]), "hd95": float(metrics["hd95"]), "iteration": iteration}
-                        atomic_torch_save(student.state_dict(), out / f"{cfg.model}_best_model.pth")
-                        atomic_torch_save(student.state_dict(), out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
+                        atomic_torch_save(_cpu_state_dict(student), out / f"{cfg.model}_best_model.pth")
+                        atomic_torch_save(_cpu_state_dict(student), out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
                         logger.info("saved best model (dice %.4f) at iteration %d", metrics["dice"], iteration)
                 best = broadcast_object(best, info)  # the other ranks wait here for rank 0's validation
             stopping = stop_after is not None and iteration >= stop_after
@@ -539,7 +552,7 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
             bar.close()
 
     if not val_cases and main:  # no validation list: the final student is the "best" one
-        atomic_torch_save(student.state_dict(), out / f"{cfg.model}_best_model.pth")
+        atomic_torch_save(_cpu_state_dict(student), out / f"{cfg.model}_best_model.pth")
     if seen is not None:
         _dump_rank_state(out, info, student, method, seen)
     seconds = time.time() - t0

@@ -275,7 +275,9 @@ class UGMCL(Method):
         student: dual-task network returning ``(dis, logits)`` (``unet_3D_dt``; ``VNet_dt`` for the paper variant).
         cfg: the training configuration.
         generator: optional RNG for the teacher's input noise (default: the global RNG).
-        low_memory: reorder and split the work as above when the networks support it. Default True.
+        low_memory: reorder and split the work as above when the networks support it. Default: ``cfg.low_memory``
+            (1, on). On a GPU with memory to spare the released order with ``mc_chunk=0`` is faster (H200, 96^3,
+            batch 4, bf16: 0.158 s against 0.207 s per step, 15.4 GB against 2.6 GB).
     Raises:
         ValueError: for an invalid option or combination.
     """
@@ -284,12 +286,12 @@ class UGMCL(Method):
     uses_unlabeled = True
 
     def __init__(
-        self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None, low_memory: bool = True
+        self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None, low_memory: bool | None = None
     ) -> None:
         super().__init__(student, cfg)
         _check_config(cfg)
         self.generator = generator
-        self.low_memory = low_memory
+        self.low_memory = bool(getattr(cfg, "low_memory", True)) if low_memory is None else low_memory
         self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
         self.teacher = create_ema_teacher(student)
         self.teacher.train()

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.conv import Conv3d
 from networks.input_checks import SIDE_MULTIPLE, check_volume
 
 __all__ = [
@@ -375,7 +376,7 @@ class UnetConv3(nn.Module):
 
     @staticmethod
     def _layer(in_size: int, out_size: int, is_batchnorm: bool, fused_norm: bool = False) -> nn.Sequential:
-        layers: list[nn.Module] = [nn.Conv3d(in_size, out_size, kernel_size=3, stride=1, padding=1)]
+        layers: list[nn.Module] = [Conv3d(in_size, out_size, kernel_size=3, stride=1, padding=1)]
         if is_batchnorm:
             layers.append(nn.InstanceNorm3d(out_size))
         layers.append(nn.ReLU(inplace=True))

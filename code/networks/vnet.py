@@ -27,6 +27,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from networks.conv import Conv3d
 from networks.input_checks import check_volume
 
 __all__ = ["VNet", "VNet_dt", "Normalization", "NORMALIZATIONS"]
@@ -58,7 +59,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(n_stages):
-            layers.append(nn.Conv3d(n_filters_in if i == 0 else n_filters_out, n_filters_out, 3, padding=1))
+            layers.append(Conv3d(n_filters_in if i == 0 else n_filters_out, n_filters_out, 3, padding=1))
             layers += _norm(normalization, n_filters_out)
             layers.append(nn.ReLU(inplace=True))
         self.conv = nn.Sequential(*layers)

@@ -350,8 +350,7 @@ def sliding_window_probabilities(
     device = torch.device(device)
     autocast_dtype = _autocast_dtype(device, amp)
     tensor = _as_image_tensor(image, device)
-    if fast:
-        net = _fast_copy(net)
+    net = _network_for(net, device, fast)
 
     def softmax_of(batch: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -439,6 +438,21 @@ def argmax_labels(probabilities: Tensor) -> Tensor:
         return labels
 
 
-def _fast_copy(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with channels-last weights and, where it has them, fused norm + ReLU blocks."""
-    return set_fused_norm(to_channels_last(copy.deepcopy(net)))
+def _network_for(net: nn.Module, device: torch.device, fast: bool) -> nn.Module:
+    """``net`` itself, or a copy of it on ``device`` and, with ``fast``, with channels-last weights and (where it
+    has them) fused norm + ReLU blocks. The caller's network is never moved or changed."""
+    on_device = all(_same_device(t.device, device) for t in itertools.chain(net.parameters(), net.buffers()))
+    if on_device and not fast:
+        return net
+    net = copy.deepcopy(net).to(device)
+    return set_fused_norm(to_channels_last(net)) if fast else net
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` name the same device."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return True

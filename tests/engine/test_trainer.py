@@ -76,6 +76,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_root: Path, t
     [
         ({"patch_size": (32, 40, 32)}, "multiples of 16"),
         ({"batch_size": 2, "labeled_bs": 2}, "must be larger than --labeled_bs"),
+        ({"stride_xy": 48}, "or the sliding windows leave gaps"),
         ({"labeled_num": 50}, "larger than the training list"),
         ({"root_path": "/nonexistent/BraTS"}, "make demo"),
     ],

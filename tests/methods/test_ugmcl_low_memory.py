@@ -68,3 +68,17 @@ def test_students_that_cannot_draw_masks_ahead_keep_the_released_order():
     torch.manual_seed(0)
     net = _NoMaskDrawing()
     assert _run(copy.deepcopy(net), low_memory=True) == _run(copy.deepcopy(net), low_memory=False)
+
+
+def test_the_order_follows_the_configuration_unless_given():
+    net = unet_3D_dt(feature_scale=16)
+    assert UGMCL(net, TrainConfig()).low_memory is True
+    assert UGMCL(net, TrainConfig(low_memory=0)).low_memory is False
+    assert UGMCL(net, TrainConfig(low_memory=0), low_memory=True).low_memory is True
+
+
+def test_the_command_line_switches_the_order_off():
+    from train_UGMCL_3D import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["--low_memory", "0"])).low_memory == 0
+    assert config_from_args(build_parser().parse_args([])).low_memory == 1

@@ -196,6 +196,22 @@ def test_no_save_writes_metrics_only(dataset, model_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.json"]
 
 
+def test_fast_network_gives_the_plain_scores_and_is_recorded(run, dataset, model_dir, tmp_path):
+    out = tmp_path / "fast"
+    code = main(
+        ["--root_path", str(dataset), "--model_dir", str(model_dir), "--exp", "EXP", "--out_dir", str(out)]
+        + ["--no_save", "--fast", *FAST]
+    )
+    assert code == 0
+    plain = {r["case"]: float(r["dice"]) for r in read_rows(run / "metrics.csv")}
+    fast = {r["case"]: float(r["dice"]) for r in read_rows(out / "metrics.csv")}
+    assert fast.keys() == plain.keys()
+    for case in plain:  # same probabilities up to float rounding: a near-tie voxel may flip, no more
+        assert fast[case] == pytest.approx(plain[case], abs=1e-3), case
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["fast"] is True
+
+
 def test_checkpoint_that_does_not_fit_exits_1_naming_the_keys(dataset, tmp_path, capsys):
     state = tiny_net().state_dict()
     state["extra_head.weight"] = state.pop("final.weight")

@@ -19,7 +19,10 @@ from utils.sliding_window import (
     window_starts,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def requires_cuda(test):
+    """Mark ``test`` as a CUDA check (``pytest -m cuda``), skipped without a device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def window_mean_and_square(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""Time the whole training loop (data loading, UG-MCL step, EMA, logging) and project the full run (issue #7).
+
+Run from the repository root::
+
+    python bench/bench_train_loop.py                                  # published size, 60 iterations per setting
+    python bench/bench_train_loop.py --patch 32 --feature_scale 8 --iters 12 --skip 4 --shape 48 48 40   # quick
+
+Unlike ``bench/bench_train.py`` (one step on a fixed batch in isolation), this runs ``code/train_UGMCL_3D.py``
+itself, once per setting, on a synthetic pre-processed dataset (written to a temporary folder unless
+``--root_path`` is given), and reads the per-iteration timestamps of its ``log.txt``. The seconds per iteration are
+the median gap between consecutive iterations after the first ``--skip`` (cuDNN autotuning, worker start-up), so the
+one validation at the end does not count; the projection is that times ``--project`` iterations (30,000, the
+published schedule), without validation. Settings:
+
+============  ======================================================================================
+``released``  ``--deterministic 1``, fp32, plain network: what the released script does
+``fast``      ``--deterministic 0`` (cuDNN autotuning on CUDA) and ``--fast_network``
+``fast+amp``  ``fast`` and ``--amp`` (bf16 autocast where supported, else fp16)
+``gpu_max``   ``fast+amp``, ``--low_memory 0 --mc_chunk 0``: released order, all T teacher passes in one forward
+              (the fastest on a GPU with ~16 GB to spare; not run by default)
+============  ======================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = ROOT / "code"
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic dataset writer of the tests
+
+SETTINGS: dict[str, list[str]] = {
+    "released": ["--deterministic", "1"],
+    "fast": ["--deterministic", "0", "--fast_network"],
+    "fast+amp": ["--deterministic", "0", "--fast_network", "--amp"],
+    "gpu_max": ["--deterministic", "0", "--fast_network", "--amp", "--low_memory", "0", "--mc_chunk", "0"],
+}
+_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) : loss")
+
+
+def iteration_times(log: Path) -> dict[int, float]:
+    """``{iteration: seconds since the first logged line}`` from a trainer ``log.txt`` (midnight wrap handled)."""
+    times: dict[int, float] = {}
+    previous, offset = None, 0.0
+    for line in log.read_text().splitlines():
+        match = _LINE.match(line)
+        if not match:
+            continue
+        h, m, s, ms, it = (int(g) for g in match.groups())
+        t = timedelta(hours=h, minutes=m, seconds=s, milliseconds=ms).total_seconds() + offset
+        if previous is not None and t < previous:  # passed midnight
+            offset += 86400.0
+            t += 86400.0
+        times[it] = previous = t
+    return times
+
+
+def seconds_per_iteration(times: dict[int, float], skip: int) -> float:
+    """Median gap between consecutive logged iterations after the first ``skip``."""
+    its = sorted(i for i in times if i > skip)
+    gaps = [times[b] - times[a] for a, b in zip(its, its[1:]) if b == a + 1]
+    if not gaps:
+        raise ValueError(f"fewer than two consecutive iterations logged after iteration {skip}")
+    return statistics.median(gaps)
+
+
+def run_setting(args: argparse.Namespace, name: str, root: Path, out: Path) -> dict[str, Any]:
+    """Train one setting; ``{"s_per_iter", "wall"}``, or ``{"error": last line of its stderr}`` if it failed."""
+    p = args.patch
+    cmd = [
+        sys.executable, str(CODE / "train_UGMCL_3D.py"), "--root_path", str(root), "--model_dir", str(out),
+        "--exp", name, "--labeled_num", str(args.labeled_num), "--patch_size", str(p), str(p), str(p),
+        "--batch_size", str(args.batch), "--labeled_bs", str(args.labeled_bs), "--mc_passes", str(args.T),
+        "--feature_scale", str(args.feature_scale), "--max_iterations", str(args.iters),
+        "--val_interval", str(10**9), "--save_interval", str(10**9), "--num_workers", str(args.num_workers),
+        "--stride_xy", str(min(64, p)), "--stride_z", str(min(64, p)),  # the released 64, or the patch if smaller
+        "--device", args.device, "--no_progress", *SETTINGS[name],
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=CODE, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        return {"error": lines[-1][:200], "wall": wall}
+    log = next(out.glob(f"{name}_{args.labeled_num}/*/log.txt"))
+    per_iter = seconds_per_iteration(iteration_times(log), args.skip)
+    return {"s_per_iter": per_iter, "wall": wall}
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patch", type=int, default=96, help="cubic patch side. Default 96 (published)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size. Default 4")
+    parser.add_argument("--labeled_bs", type=int, default=2, help="labelled rows. Default 2")
+    parser.add_argument("--T", type=int, default=8, help="Monte-Carlo teacher passes. Default 8")
+    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net width divisor. Default 4 (published)")
+    parser.add_argument("--iters", type=int, default=60, help="iterations per setting. Default 60")
+    parser.add_argument("--skip", type=int, default=10, help="first iterations left out of the timing. Default 10")
+    parser.add_argument("--project", type=int, default=30000, help="iterations of the projected run. Default 30000")
+    parser.add_argument("--num_workers", type=int, default=4, help="data-loading workers. Default 4")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]. Default auto")
+    parser.add_argument("--root_path", default=None, help="pre-processed data (default: a synthetic temporary set)")
+    parser.add_argument("--labeled_num", type=int, default=4, help="labelled training cases. Default 4")
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 128, 96], help="synthetic volume shape")
+    parser.add_argument("--settings", nargs="+", default=["released", "fast", "fast+amp"], choices=list(SETTINGS))
+    args = parser.parse_args(argv)
+    if args.iters < args.skip + 3:
+        parser.error(f"--iters must be at least --skip + 3, got {args.iters} and {args.skip}")
+    if min(args.shape) < args.patch:
+        parser.error(f"--shape {args.shape} must be at least --patch {args.patch} on every axis")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+        root = Path(args.root_path) if args.root_path else Path(tmp) / "data"
+        if not args.root_path:
+            from synthetic_h5 import write_synthetic_h5_dataset
+
+            write_synthetic_h5_dataset(root, n_cases=12, shape=args.shape, seed=0, n_val=1, n_test=1)
+        results = {}
+        for name in args.settings:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            results[name] = r = run_setting(args, name, root, Path(tmp) / "runs")
+            print(f"{name}: {r.get('error') or format(r['s_per_iter'], '.3f') + ' s/iter'}", file=sys.stderr, flush=True)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    print(
+        f"\nUG-MCL training loop, patch {args.patch}^3, batch {args.batch} ({args.labeled_bs} labelled), T = {args.T}, "
+        f"feature_scale {args.feature_scale}, {args.num_workers} loader workers, {where}, torch {torch.__version__}; "
+        f"median of iterations {args.skip + 1}-{args.iters}\n"
+    )
+    base = results.get("released")
+    if base is not None and "error" in base:
+        base = None
+    print(f"| setting | s/iter | speed-up | projected {args.project:,} iterations | whole run (s) |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | - | - | {r['wall']:.0f} |")
+            continue
+        speed = f"{base['s_per_iter'] / r['s_per_iter']:.2f}x" if base else "-"
+        hours = r["s_per_iter"] * args.project / 3600
+        print(f"| {name} | {r['s_per_iter']:.3f} | {speed} | {hours:.2f} h | {r['wall']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One lent-GPU session's checks for issue #7, in one go (the device is lent for minutes, so nothing is rerun):
+#   1. the CUDA tests (pytest -m cuda), 2. the real training loop at the published size and its projected
+#   30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
+#   4. sliding-window inference on CUDA (bench_infer.py).
+# Each step has its own time limit and log; a failing step does not stop the others. Logs go to $OUT (or gpu_out/).
+# Optional: UGMCL_SHARED=<copy of ../shared> for the golden-value tests; .whl/ with wheels of missing packages.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the log's tail
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit} s)"
+    start=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "--- $name: exit $rc after $(($(date +%s) - start)) s"
+    tail -n "${TAIL:-30}" "$OUT/$name.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc;
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"; } 2>&1
+
+step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/utils/test_sliding_window.py
+step bench_loop "${T_LOOP:-180}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
+    --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
+    --settings fast+amp fast released
+step bench_train "${T_STEP:-150}" $PY bench/bench_train.py --device cuda --patch "${PATCH:-96}" --batch 4 --T 8 \
+    --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last +cudnn_benchmark --amp
+step bench_infer "${T_INFER:-90}" $PY bench/bench_infer.py --device cuda --amp --repeats 3
+echo "=== done"
