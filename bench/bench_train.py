@@ -104,6 +104,22 @@ def _batch(args: argparse.Namespace, device: Any) -> Any:
     return Batch(image.to(device), label.to(device), args.labeled_bs)
 
 
+def run_iteration(method: Any, optimizer: Any, scaler: Any, batch: Any, step: int, device_type: str,
+                  amp_dtype: Any = None) -> float:
+    """One full training iteration (UG-MCL step under autocast when ``amp_dtype`` is set, backward, SGD step, EMA
+    update); returns the loss."""
+    import torch
+
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss, _ = method.training_step(batch, step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    method.after_optimizer_step(step)
+    return float(loss.detach())
+
+
 def _peak_memory_bytes(device: Any) -> int:
     import torch
 
@@ -163,14 +179,7 @@ def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
     for step in range(args.warmup + args.iters):
         sync()
         t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss, _ = method.training_step(batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_optimizer_step(step)
-        losses.append(float(loss.detach()))
+        losses.append(run_iteration(method, optimizer, scaler, batch, step, device.type, amp_dtype))
         sync()
         if step >= args.warmup:
             wall.append(time.perf_counter() - t0)

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import _batch  # noqa: E402
+from bench_train import _batch, run_iteration  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "fp32/plain/released/2",
@@ -78,13 +78,7 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
             torch.cuda.synchronize(device)
 
     def iteration(step: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=v["amp"]):
-            loss, _ = method.training_step(batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_optimizer_step(step)
+        run_iteration(method, optimizer, scaler, batch, step, device.type, dtype if v["amp"] else None)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

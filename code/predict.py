@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
     parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
     parser.add_argument("--amp", action="store_true", help="mixed precision inference")
-    parser.add_argument("--fast", action="store_true", help="CPU: run a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal the plain path up to float rounding at near-ties (no gain on CUDA)")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
+        "the plain path up to float rounding at near-ties (no gain on CUDA)",
+    )
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
     parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
     return parser

@@ -73,8 +73,9 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--mc_passes", "--T", dest="mc_passes", type=int, default=d.mc_passes, help="MC-dropout passes T")
     g.add_argument("--mc_chunk", type=int, default=d.mc_chunk, help="teacher passes per forward (0 = all)")
     g.add_argument("--low_memory", type=int, choices=[0, 1], default=d.low_memory,
-                   help="1: teacher passes before the student's forward, B rows per forward: same losses, about a "
-                        "third of the peak memory; 0: released order (faster on a GPU with memory to spare)")
+                   help="1: teacher passes before the student's forward, B rows per forward: about a third of the "
+                        "peak memory, the released losses bit for bit on CPU (on CUDA another random draw); "
+                        "0: released order (faster on a GPU with memory to spare)")
     g.add_argument("--noise_std", type=float, default=d.noise_std)
     g.add_argument("--noise_clip", type=float, default=d.noise_clip)
     g.add_argument("--threshold_start", type=float, default=d.threshold_start, help="tau(0) / ln 2")

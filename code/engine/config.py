@@ -56,7 +56,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     fast_network: bool = False  # CPU: fused InstanceNorm + ReLU, channels_last_3d (U-Nets): ~1.45x, not bit-exact
-    low_memory: int = 1  # UG-MCL: teacher passes first, B rows per forward (same losses, ~1/3 the peak memory)
+    low_memory: int = 1  # UG-MCL: teacher first, B rows per forward (~1/3 the memory; CPU: released losses)
     resume: bool = False
     stride_xy: int = 64
     stride_z: int = 64

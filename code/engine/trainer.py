@@ -528,8 +528,9 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
                     logger.info("iteration %d : val dice %.4f hd95 %.2f", iteration, metrics["dice"], metrics["hd95"])
                     if metrics["dice"] > best["dice"]:
                         best = {"dice": float(metrics["dice"]), "hd95": float(metrics["hd95"]), "iteration": iteration}
-                        atomic_torch_save(_cpu_state_dict(student), out / f"{cfg.model}_best_model.pth")
-                        atomic_torch_save(_cpu_state_dict(student), out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
+                        weights = _cpu_state_dict(student)
+                        atomic_torch_save(weights, out / f"{cfg.model}_best_model.pth")
+                        atomic_torch_save(weights, out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
                         logger.info("saved best model (dice %.4f) at iteration %d", metrics["dice"], iteration)
                 best = broadcast_object(best, info)  # the other ranks wait here for rank 0's validation
             stopping = stop_after is not None and iteration >= stop_after

@@ -268,8 +268,10 @@ class UGMCL(Method):
       teacher's temporaries and the student's saved activations are never alive together;
     * each chunk of Monte-Carlo passes runs as forwards of B rows, with the masks drawn for the whole chunk.
 
-    The random numbers, masks and losses stay those of the released order (bit for bit on CPU); the peak memory
-    drops to about that of the student's forward and backward alone.
+    On CPU the random numbers, masks and losses stay those of the released order, bit for bit. On CUDA they do not:
+    the masks drawn ahead use other Philox offsets than ``F.dropout`` (measured on an H200), so the run is a
+    different, equally valid random draw, like another seed; ``low_memory=False`` keeps the released stream.
+    The peak memory drops to about that of the student's forward and backward alone.
 
     Args:
         student: dual-task network returning ``(dis, logits)`` (``unet_3D_dt``; ``VNet_dt`` for the paper variant).
