@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import keep_freed_memory  # noqa: E402
+from utils.allocator import keep_freed_memory  # noqa: E402
 
 
 def make_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:

@@ -21,7 +21,8 @@ after the other:
 ``+fused_norm``     InstanceNorm + ReLU as one step (``networks.unet_3D.set_fused_norm``)
 ``+channels_last``  conv weights and so all activations in ``channels_last_3d`` (``to_channels_last``)
 ``+malloc``         glibc ``mallopt`` keeps freed memory for reuse instead of unmapping it (a process-wide
-                    setting, see ``keep_freed_memory``): almost no page faults, higher peak RSS
+                    setting, ``utils.allocator.keep_freed_memory``, on by default when training on CPU,
+                    ``--keep_freed_memory``): almost no page faults, higher peak RSS
 ``+thp``            instead of ``+malloc``: ``THP_MEM_ALLOC_ENABLE=1`` (torch's own switch, read at its first
                     allocation) backs large tensors with 2 MB transparent huge pages: 512x fewer page faults
 ``+cudnn_benchmark`` (CUDA) instead of ``+malloc``: ``torch.backends.cudnn.benchmark``, cuDNN times its
@@ -44,7 +45,6 @@ configuration's first-iteration loss differs from the baseline's by more than ``
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -57,6 +57,8 @@ from typing import Any
 CODE = Path(__file__).resolve().parents[1] / "code"
 sys.path.insert(0, str(CODE))
 
+from utils.allocator import keep_freed_memory  # noqa: E402
+
 CONFIGS: dict[str, dict[str, bool]] = {
     "baseline": {},
     "+low_memory": {"low_memory": True},
@@ -68,22 +70,6 @@ CONFIGS: dict[str, dict[str, bool]] = {
     "+bf16": {"low_memory": True, "fused_norm": True, "channels_last": True, "cudnn_benchmark": True, "amp": True},
 }
 ALIASES = {"all": "+malloc"}
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed heap memory for reuse: no ``mmap`` per large block, no trimming of the heap top.
-
-    Each activation of a 3-D U-Net is tens to hundreds of MB; by default glibc serves every such block with a fresh
-    ``mmap`` and unmaps it on free, so every iteration page-faults (and zero-fills) all of its memory again. Call
-    once, before the big allocations. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-    return ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
 
 
 def _batch(args: argparse.Namespace, device: Any) -> Any:
@@ -131,7 +117,7 @@ def _peak_memory_bytes(device: Any) -> int:
 def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Run one configuration in this process and return its timings, memory and losses."""
     opts = CONFIGS[name]
-    malloc = keep_freed_memory() if opts.get("malloc") else False
+    malloc = keep_freed_memory(args.malloc_mmap_mb << 20) if opts.get("malloc") else False
     if opts.get("thp"):
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first allocation
     import torch
@@ -204,7 +190,8 @@ def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-    for key in ("patch", "batch", "labeled_bs", "T", "feature_scale", "device", "iters", "warmup", "threads"):
+    for key in ("patch", "batch", "labeled_bs", "T", "feature_scale", "device", "iters", "warmup", "threads",
+                "malloc_mmap_mb"):
         cmd += [f"--{key}", str(getattr(args, key))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
@@ -224,6 +211,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first. Default 1")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--amp", action="store_true", help="add the +bf16 autocast configuration")
+    parser.add_argument("--malloc_mmap_mb", type=int, default=1024,
+                        help="+malloc: blocks of this many MB or more still get their own mmap. Default 1024")
     parser.add_argument(
         "--configs",
         nargs="+",

@@ -28,8 +28,8 @@ from dataloaders.transforms import (
     RandomIntensity,
     RandomNoise,
     RandomRotFlip,
+    RandomRotFlipCrop,
     ToTensor,
-    crop_or_pad,
 )
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "RandomIntensity",
     "RandomNoise",
     "RandomRotFlip",
+    "RandomRotFlipCrop",
     "ToTensor",
     "TwoStreamBatchSampler",
     "grouper",
@@ -79,8 +80,9 @@ class BraTS2019(Dataset):
     """Pre-processed BraTS2019 cases: FLAIR image and whole-tumour label per case.
 
     Each HDF5 file is opened inside ``__getitem__`` and closed before it returns, so the dataset holds no open handle
-    and pickles into DataLoader workers. With a plain :class:`RandomCrop` as the transform, or a ``Compose`` whose
-    first transform is one, only the patch is read from disk (the same draw, hence the same patch, as a full read).
+    and pickles into DataLoader workers. With a plain :class:`RandomCrop` or :class:`RandomRotFlipCrop` as the
+    transform, or a ``Compose`` whose first transform is one, only the patch's box is read from disk (the same draws,
+    hence the same patch, as a full read).
 
     Args:
         base_dir: folder holding ``<split>.txt`` and ``data/``.
@@ -150,12 +152,8 @@ class BraTS2019(Dataset):
         with h5:
             image_ds, label_ds = self._datasets(h5, path)
             if crop is not None:
-                start = crop.get_params(label_ds.shape)
-                sample: Sample = {
-                    "image": crop_or_pad(image_ds, start, crop.output_size),
-                    "label": crop_or_pad(label_ds, start, crop.output_size),
-                    "name": name,
-                }
+                params = crop.get_params(label_ds.shape)
+                sample: Sample = {"image": crop.read(image_ds, params), "label": crop.read(label_ds, params), "name": name}
             else:
                 sample = {"image": image_ds[()], "label": label_ds[()], "name": name}
         if rest is not None:
@@ -165,12 +163,14 @@ class BraTS2019(Dataset):
         return sample
 
     def _leading_random_crop(self) -> tuple:
-        """``(crop, rest)`` when the transform starts with a :class:`RandomCrop`, else ``(None, transform)``."""
+        """``(crop, rest)`` when the transform starts with a patch reader (:class:`RandomCrop`,
+        :class:`RandomRotFlipCrop`), else ``(None, transform)``."""
+        readers = (RandomCrop, RandomRotFlipCrop)
         t = self.transform
-        if type(t) is RandomCrop:
+        if type(t) in readers:
             return t, None
         inner = getattr(t, "transforms", None)
-        if isinstance(inner, (list, tuple)) and inner and type(inner[0]) is RandomCrop:
+        if isinstance(inner, (list, tuple)) and inner and type(inner[0]) in readers:
             return inner[0], (Compose(inner[1:]) if len(inner) > 1 else None)
         return None, t
 

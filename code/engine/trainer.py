@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataloaders.brats2019 import BraTS2019, read_split_file
 from dataloaders.samplers import TwoStreamBatchSampler
-from dataloaders.transforms import RandomCrop, RandomRotFlip, ToTensor
+from dataloaders.transforms import Compose, RandomRotFlipCrop, ToTensor
 from engine.config import TrainConfig
 from engine.distributed import (
     DistInfo,
@@ -64,6 +64,7 @@ from methods.base import Batch, Method
 from networks.net_factory_3d import net_factory_3d
 from networks.outputs import segmentation_logits
 from networks.unet_3D import set_fused_norm, to_channels_last
+from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
@@ -252,12 +253,8 @@ def make_batches(cfg: TrainConfig, start: int, rank: int = 0, world_size: int = 
 
 
 def _train_transform(patch: tuple[int, int, int]) -> Any:
-    rot_flip, crop, to_tensor = RandomRotFlip(), RandomCrop(tuple(patch)), ToTensor()
-
-    def transform(sample: dict[str, Any]) -> dict[str, Any]:
-        return to_tensor(crop(rot_flip(sample)))
-
-    return transform
+    """The released augmentation, rot90/flip then a random crop, reading only the patch's box (same draws)."""
+    return Compose([RandomRotFlipCrop(tuple(patch)), ToTensor()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +438,9 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
             atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         logger.info("config: %s", json.dumps(cfg.to_dict()))
         logger.info("device: %s", device)
+        if device.type == "cpu" and cfg.keep_freed_memory:
+            kept = keep_freed_memory()  # before the large allocations; process-wide, speed and memory only
+            logger.info("glibc keeps freed memory for reuse: %s", "yes" if kept else "not available here")
         if info.is_distributed:
             logger.info("data-parallel: %d processes, %d patches per iteration in all",
                         info.world_size, info.world_size * cfg.batch_size)

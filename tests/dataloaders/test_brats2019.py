@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataloaders.brats2019 import BraTS2019, read_split_file
-from dataloaders.transforms import Compose, RandomCrop, RandomRotFlip, ToTensor
+from dataloaders.transforms import Compose, RandomCrop, RandomRotFlip, RandomRotFlipCrop, ToTensor
 from synthetic_h5 import write_synthetic_h5_dataset
 
 
@@ -154,6 +154,18 @@ def test_patch_read_from_disk_through_compose_then_the_rest_of_the_pipeline(root
     got, want = lazy[0], crop(plain[0])
     assert got["image"].shape == (1, 4, 4, 4) and got["label"].dtype == torch.int64
     np.testing.assert_array_equal(got["image"][0].numpy(), want["image"])
+
+
+def test_rot_flip_crop_reads_the_same_patches_from_disk_as_the_released_pipeline_from_memory(root):
+    lazy = BraTS2019(root, "train", transform=Compose([RandomRotFlipCrop((8, 6, 5)), ToTensor()]))
+    plain = BraTS2019(root, "train", transform=Compose([RandomRotFlip(), RandomCrop((8, 6, 5)), ToTensor()]))
+    for i in range(len(lazy)):
+        for seed in range(4):  # the global np.random stream, as in the DataLoader workers
+            np.random.seed(seed)
+            got = lazy[i]
+            np.random.seed(seed)
+            want = plain[i]
+            assert torch.equal(got["image"], want["image"]) and torch.equal(got["label"], want["label"])
 
 
 def test_default_collate_batches_the_training_pipeline(root):

@@ -11,9 +11,11 @@ from dataloaders.transforms import (
     RandomIntensity,
     RandomNoise,
     RandomRotFlip,
+    RandomRotFlipCrop,
     ToTensor,
     crop_or_pad,
     parse_patch_size,
+    rot_flip,
 )
 
 
@@ -241,3 +243,58 @@ def test_compose_of_the_released_pipeline_gives_patch_tensors():
     out = t(sample_of((6, 5, 7)))
     assert out["image"].shape == (1, 4, 4, 4) and out["label"].shape == (4, 4, 4)
     torch.testing.assert_close(out["label"], (out["image"][0] % 7).long())
+
+
+class _RecordingSource:
+    """An array stand-in (like an ``h5py.Dataset``) that counts the voxels read through it."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.voxels_read = array, array.shape, array.dtype, 0
+
+    def __getitem__(self, index):
+        out = np.asarray(self.array[index])
+        self.voxels_read += out.size
+        return out
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((12, 10, 8), (6, 4, 5)), ((9, 14, 7), (8, 8, 7)), ((10, 10, 10), (10, 10, 10)), ((5, 12, 6), (8, 4, 9)),
+     ((6, 6, 3), (7, 7, 4))],
+)
+@pytest.mark.parametrize("make_rng", [np.random.RandomState, np.random.default_rng])
+def test_rot_flip_crop_equals_rot_flip_then_crop_draw_for_draw(shape, size, make_rng):
+    for seed in range(12):
+        sample = sample_of(shape)
+        sample["image"] = np.stack([sample["image"], -sample["image"]])  # (C, D, H, W) works too
+        fused = RandomRotFlipCrop(size, rng=make_rng(seed))(sample)
+        rng = make_rng(seed)
+        want = Compose([RandomRotFlip(rng), RandomCrop(size, rng)])(sample)
+        for key in ("image", "label"):
+            assert fused[key].shape == want[key].shape
+            np.testing.assert_array_equal(fused[key], want[key])
+        assert fused["name"] == "case"
+
+
+def test_rot_flip_crop_reads_only_the_patch_when_it_fits():
+    volume = coded_volume((20, 16, 12))
+    t = RandomRotFlipCrop((8, 6, 5), rng=np.random.default_rng(3))
+    for _ in range(10):
+        params = t.get_params(volume.shape)
+        source = _RecordingSource(volume)
+        patch = t.read(source, params)
+        assert source.voxels_read == 8 * 6 * 5  # the box, not the 3840-voxel volume
+        k, axis, start = params
+        np.testing.assert_array_equal(patch, crop_or_pad(rot_flip(volume, k, axis), start, (8, 6, 5)))
+        assert patch.flags["C_CONTIGUOUS"]
+
+
+def test_rot_flip_crop_reads_the_whole_volume_when_the_plane_needs_padding():
+    volume = coded_volume((6, 16, 12))
+    t = RandomRotFlipCrop((8, 6, 5), rng=np.random.default_rng(0))
+    params = (0, 0, (-1, 2, 3))  # no rotation: axis 0 (6) is shorter than the patch (8)
+    assert t.source_box(volume.shape, params) is None
+    source = _RecordingSource(volume)
+    patch = t.read(source, params)
+    assert source.voxels_read == volume.size
+    np.testing.assert_array_equal(patch, crop_or_pad(rot_flip(volume, 0, 0), (-1, 2, 3), (8, 6, 5)))
