@@ -30,9 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"; } 2>&1
 
 step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/utils/test_sliding_window.py
-step bench_loop "${T_LOOP:-180}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
+step bench_loop "${T_LOOP:-200}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
     --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
-    --settings fast+amp fast released
+    --settings gpu_max fast+amp fast released
 step bench_train "${T_STEP:-150}" $PY bench/bench_train.py --device cuda --patch "${PATCH:-96}" --batch 4 --T 8 \
     --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last +cudnn_benchmark --amp
 step bench_infer "${T_INFER:-90}" $PY bench/bench_infer.py --device cuda --amp --repeats 3
