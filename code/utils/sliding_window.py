@@ -327,7 +327,7 @@ def sliding_window_probabilities(
             The softmax and the accumulation stay float32. Default False.
         mc_passes: number T of MC-dropout passes per window; 0 (default) = one deterministic eval-mode pass.
         device: where the network runs and the volume accumulates. Default: the device of the network's first
-            parameter (CPU for a network without parameters).
+            parameter (CPU for a network without parameters). A network elsewhere runs as a copy moved there.
         fast: run a copy of ``net`` with its weights in ``channels_last_3d`` and, for this project's U-Nets, the
             fused norm + ReLU step (``networks.unet_3D.to_channels_last`` / ``set_fused_norm``); ``net`` itself is
             not changed. About 1.5-2x faster on CPU; the probabilities agree with the plain path to float rounding
