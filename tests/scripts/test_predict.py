@@ -195,3 +195,15 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, checkpoint, capsys, proble
     assert code == 1
     assert expected in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_fast_network_gives_the_plain_segmentation(tmp_path, checkpoint):
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), tmp_path / "scan.nii.gz")
+    segs = []
+    for extra in ([], ["--fast"]):
+        out = tmp_path / f"seg{len(extra)}.nii.gz"
+        assert main(["--input", str(tmp_path / "scan.nii.gz"), "--output", str(out), "--checkpoint", str(checkpoint)]
+                    + FAST_ARGS + extra) == 0
+        segs.append(np.asarray(nib.load(out).dataobj))
+    assert segs[0].any()
+    assert (segs[0] != segs[1]).mean() < 1e-4  # same probabilities up to float rounding: only near-ties may flip
