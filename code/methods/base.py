@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "Method"]
+from utils.ema import create_ema_teacher, update_ema
+
+__all__ = ["Batch", "EMATeacherMethod", "Method"]
 
 
 @dataclass
@@ -69,3 +71,54 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class EMATeacherMethod(Method):
+    """A method with an EMA (mean) teacher fed noisy inputs: what Mean Teacher, UA-MT and UG-MCL share.
+
+    The teacher is a copy of the student, kept in train mode (dropout on, as released), following the batch's
+    device, updated by EMA after each optimiser step and saved for an exact resume. Subclasses check their options
+    before calling this constructor, so an invalid configuration fails before the copy.
+
+    Args:
+        student: the network being trained.
+        cfg: the training configuration; reads ``ema_decay``, ``noise_std`` and ``noise_clip``.
+        generator: optional RNG for the teacher's input noise (default: the global RNG).
+    """
+
+    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg)
+        self.generator = generator
+        self.teacher = create_ema_teacher(student)
+        self.teacher.train()
+
+    def _noisy(self, image: Tensor) -> Tensor:
+        """x + clamp(sigma * N(0, 1), -c, c)."""
+        device = self.generator.device if self.generator is not None else image.device
+        noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
+        return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
+
+    def _prepare_teacher(self, image: Tensor) -> None:
+        """Follow the batch's device (if the student moved after construction); keep dropout on."""
+        param = next(self.teacher.parameters(), None)
+        if param is not None and param.device != image.device:
+            self.teacher.to(image.device)
+        self.teacher.train()
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update of the teacher: alpha = min(1 - 1/(step + 1), ema_decay)."""
+        update_ema(self.teacher, self.student, step, self.cfg.ema_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"teacher": teacher.state_dict()}``."""
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the teacher saved by :meth:`state_dict`.
+
+        Raises:
+            KeyError: if ``state`` holds no ``"teacher"`` entry.
+        """
+        if "teacher" not in state:
+            raise KeyError(f"{self.name} state needs a 'teacher' entry, but found keys {sorted(state)}")
+        self.teacher.load_state_dict(state["teacher"])

@@ -18,7 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, EMATeacherMethod
 from methods.supervised import (
     DiceMode,
     check_consistency_options,
@@ -28,7 +28,6 @@ from methods.supervised import (
     segmentation_logits,
     supervised_terms,
 )
-from utils.ema import create_ema_teacher, update_ema
 from utils.losses import softmax_mse
 from utils.ramps import consistency_weight
 
@@ -79,7 +78,7 @@ def mean_teacher_objective(
     return terms
 
 
-class MeanTeacher(Method):
+class MeanTeacher(EMATeacherMethod):
     """Mean Teacher with the EMA teacher kept in train mode; hyper-parameters from ``engine.config.TrainConfig``.
 
     Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``ema_decay``, ``noise_std``,
@@ -101,29 +100,13 @@ class MeanTeacher(Method):
                                "consistency_weight")
 
     def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
-        super().__init__(student, cfg)
         check_consistency_options(cfg)
         if not 0.0 <= cfg.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], but found {cfg.ema_decay}")
         if cfg.noise_std < 0 or cfg.noise_clip < 0:
             raise ValueError(f"noise_std and noise_clip must be >= 0, but found {cfg.noise_std} and {cfg.noise_clip}")
+        super().__init__(student, cfg, generator)
         self.rows = consistency_rows(cfg, self.released_rows)
-        self.generator = generator
-        self.teacher = create_ema_teacher(student)
-        self.teacher.train()
-
-    def _noisy(self, image: Tensor) -> Tensor:
-        """x + clamp(sigma * N(0, 1), -c, c)."""
-        device = self.generator.device if self.generator is not None else image.device
-        noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
-        return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
-
-    def _prepare_teacher(self, image: Tensor) -> None:
-        """Follow the batch's device (if the student moved after construction); keep dropout on."""
-        param = next(self.teacher.parameters(), None)
-        if param is not None and param.device != image.device:
-            self.teacher.to(image.device)
-        self.teacher.train()
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the batch, one noisy teacher pass on the consistency rows, the objective."""
@@ -145,21 +128,3 @@ class MeanTeacher(Method):
             consistency_interval=cfg.consistency_interval,
         )
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]
-
-    def after_optimizer_step(self, step: int) -> None:
-        """EMA update of the teacher: alpha = min(1 - 1/(step + 1), ema_decay)."""
-        update_ema(self.teacher, self.student, step, self.cfg.ema_decay)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"teacher": teacher.state_dict()}``."""
-        return {"teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the teacher saved by :meth:`state_dict`.
-
-        Raises:
-            KeyError: if ``state`` holds no ``"teacher"`` entry.
-        """
-        if "teacher" not in state:
-            raise KeyError(f"{self.name} state needs a 'teacher' entry, but found keys {sorted(state)}")
-        self.teacher.load_state_dict(state["teacher"])

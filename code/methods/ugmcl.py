@@ -32,8 +32,7 @@ from typing import Any, Literal, Union, cast
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
-from utils.ema import create_ema_teacher, update_ema
+from methods.base import Batch, EMATeacherMethod
 from utils.losses import (
     ce_loss,
     cross_task_consistency,
@@ -249,7 +248,7 @@ _LOGGED = (
 )
 
 
-class UGMCL(Method):
+class UGMCL(EMATeacherMethod):
     """UG-MCL with an EMA teacher; hyper-parameters from ``engine.config.TrainConfig``.
 
     Reads ``variant``, ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``mc_passes``,
@@ -290,20 +289,11 @@ class UGMCL(Method):
     def __init__(
         self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None, low_memory: bool | None = None
     ) -> None:
-        super().__init__(student, cfg)
         _check_config(cfg)
-        self.generator = generator
+        super().__init__(student, cfg, generator)
         self.low_memory = bool(getattr(cfg, "low_memory", True)) if low_memory is None else low_memory
         self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
-        self.teacher = create_ema_teacher(student)
-        self.teacher.train()
         self._last_uncertainty: Tensor | None = None
-
-    def _noisy(self, image: Tensor) -> Tensor:
-        """x + clamp(sigma * N(0, 1), -c, c)."""
-        device = self.generator.device if self.generator is not None else image.device
-        noise = torch.randn(image.shape, generator=self.generator, device=device, dtype=image.dtype).to(image.device)
-        return image + torch.clamp(noise * self.cfg.noise_std, -self.cfg.noise_clip, self.cfg.noise_clip)
 
     def _teacher_targets(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher's ``(dis, logits)`` on one noisy pass, then the uncertainty U of its T noisy passes."""
@@ -326,10 +316,7 @@ class UGMCL(Method):
         """Student forward, one noisy teacher pass (target), T noisy passes (uncertainty), the objective."""
         cfg = self.cfg
         image, label = batch.image, batch.label
-        teacher_param = next(self.teacher.parameters(), None)
-        if teacher_param is not None and teacher_param.device != image.device:
-            self.teacher.to(image.device)
-        self.teacher.train()
+        self._prepare_teacher(image)
 
         draw_masks = getattr(getattr(self.student, "module", self.student), "draw_dropout_masks", None)
         if self.low_memory and callable(draw_masks) and self.student.training:
@@ -372,27 +359,9 @@ class UGMCL(Method):
         logs["threshold"] = float(terms["threshold"])
         return terms["loss"], logs  # type: ignore[return-value]
 
-    def after_optimizer_step(self, step: int) -> None:
-        """EMA update of the teacher: alpha = min(1 - 1/(step + 1), ema_decay)."""
-        update_ema(self.teacher, self.student, step, self.cfg.ema_decay)
-
     def images_to_log(self) -> dict[str, Tensor]:
         """The last step's uncertainty U of sample 0, (D, H, W)."""
         return {} if self._last_uncertainty is None else {"uncertainty": self._last_uncertainty}
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"teacher": teacher.state_dict()}``."""
-        return {"teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the teacher saved by :meth:`state_dict`.
-
-        Raises:
-            KeyError: if ``state`` holds no ``"teacher"`` entry.
-        """
-        if "teacher" not in state:
-            raise KeyError(f"UG-MCL state needs a 'teacher' entry, but found keys {sorted(state)}")
-        self.teacher.load_state_dict(state["teacher"])
 
 
 def _check_config(cfg: Any) -> None:
