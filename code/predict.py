@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dataloaders.preprocess import nonzero_bbox, normalise_intensity
-from engine.evaluate import keep_largest_component, predict_case
+from engine.evaluate import add_prediction_arguments, keep_largest_component, predict_case
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
 from utils.atomic import atomic_path
 from utils.checkpoint import (
@@ -333,22 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="unet_3D_dt", choices=sorted(NETWORKS_3D), help="network name")
     parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
     parser.add_argument("--num_classes", type=int, default=2, help="output classes")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
-    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
-    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
-    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
-    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
     parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
-    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
-        "the plain path up to float rounding at near-ties (no gain on CUDA)",
-    )
-    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
-    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
+    add_prediction_arguments(parser)
     return parser
 
 

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.evaluate import CaseFileError, evaluate, format_summary_table
+from engine.evaluate import CaseFileError, add_prediction_arguments, evaluate, format_summary_table
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
 from utils.checkpoint import CheckpointError, CheckpointNotFoundError, git_blob_id, load_weights
 from utils.device import get_device
@@ -45,23 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default=None, help="weights file; default <model_dir>/<exp>/<model>/<model>_best_model.pth"
     )
     parser.add_argument("--model_dir", default="../model", help="folder holding the experiments")
-    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
-    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
-    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
-    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
-    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
     parser.add_argument("--mc_passes", type=int, default=0, help="MC-dropout passes for uncertainty (0 = off)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
-        "the plain path up to float rounding at near-ties (no gain on CUDA)",
-    )
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
     parser.add_argument("--out_dir", default=None, help="output folder; default <model_dir>/<exp>/<model>_predictions")
-    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
     parser.add_argument("--native", action="store_true", help="also write the prediction in the original scan space")
     parser.add_argument("--metric_backend", choices=("ours", "medpy"), default="ours", help="surface-distance code")
     parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
@@ -70,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_save", action="store_true", help="metrics only: write no NIfTI files")
     parser.add_argument("--overlay", action="store_true", help="also write a PNG overlay per case")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_prediction_arguments(parser)
     return parser
 
 

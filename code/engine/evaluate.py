@@ -20,6 +20,7 @@ offset; here the affine comes from the geometry attributes that ``dataloaders.pr
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -48,6 +49,7 @@ __all__ = [
     "CSV_COLUMNS",
     "CaseFileError",
     "EvaluationResult",
+    "add_prediction_arguments",
     "check_case_file",
     "evaluate",
     "format_summary_table",
@@ -178,6 +180,26 @@ def stored_geometry(attrs: Mapping[str, Any], shape: Sequence[int]) -> tuple[np.
 
 
 # ------------------------------------------------------------------------------------------------ predicting
+
+
+def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sliding-window options ``test_3D_dt.py`` and ``predict.py`` share (the arguments of :func:`predict_case`
+    except ``mc_passes``, whose default differs, plus ``--lcc``)."""
+    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
+    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
+    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
+        "the plain path up to float rounding at near-ties (no gain on CUDA)",
+    )
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
+    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
 
 
 def predict_case(
