@@ -19,13 +19,7 @@ FAST_ARGS = ["--patch_size", "32", "32", "32", "--stride_xy", "16", "--stride_z"
 FAST_ARGS += ["--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and several test workers share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def flair_volume(seed: int = 0) -> np.ndarray:
