@@ -130,8 +130,8 @@ def test_training_on_cuda_with_amp_writes_outputs_that_load_on_cpu_and_resumes(t
     assert torch.load(out / "checkpoint_latest.pth", weights_only=True, map_location="cpu")["iteration"] == 2
     summary = train(replace(cfg, resume=True), model_dir=tmp_path, progress=False)
     assert summary["iterations"] == 4
-    state = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True, map_location="cpu")
-    assert all(v.device.type == "cpu" for v in torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True).values())
+    state = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True)  # no map_location: as saved
+    assert all(v.device.type == "cpu" for v in state.values())
     net = unet_3D_dt(feature_scale=16)
     net.load_state_dict(state)
     x = torch.randn(1, 1, 32, 32, 32)
