@@ -12,13 +12,19 @@ the median gap between consecutive iterations after the first ``--skip`` (cuDNN 
 one validation at the end does not count; the projection is that times ``--project`` iterations (30,000, the
 published schedule), without validation. Settings:
 
-============  ======================================================================================
-``released``  ``--deterministic 1``, fp32, plain network: what the released script does
-``fast``      ``--deterministic 0`` (cuDNN autotuning on CUDA) and ``--fast_network``
-``fast+amp``  ``fast`` and ``--amp`` (bf16 autocast where supported, else fp16)
-``gpu_max``   ``fast+amp``, ``--low_memory 0 --mc_chunk 0``: released order, all T teacher passes in one forward
-              (the fastest on a GPU with ~16 GB to spare; not run by default)
-============  ======================================================================================
+====================  ==============================================================================
+``released``          ``--deterministic 1``, fp32, plain network: what the released script does
+``fast``              ``--deterministic 0`` (cuDNN autotuning on CUDA) and ``--fast_network``
+``fast+amp``          ``fast`` and ``--amp`` (bf16 autocast where supported, else fp16)
+``gpu_max``           ``fast+amp``, ``--low_memory 0 --mc_chunk 0``: released order, all T teacher passes in
+                      one forward (the fastest eager setting on a GPU with ~16 GB to spare)
+``gpu_max+compile``   ``gpu_max`` with ``--compile 1`` (torch.compile / Inductor of both networks' forwards)
+``fast+amp+compile``  ``fast+amp`` (low-memory order) with ``--compile 1``
+====================  ==============================================================================
+
+The compiled settings spend their first iterations compiling: give them a ``--skip`` past that (the whole-run
+column shows the compile time). The last column is the loss of the last iteration, a sanity check: settings
+that draw other random numbers (bf16, compiled dropout) differ in it.
 """
 
 from __future__ import annotations
@@ -44,8 +50,17 @@ SETTINGS: dict[str, list[str]] = {
     "fast": ["--deterministic", "0", "--fast_network"],
     "fast+amp": ["--deterministic", "0", "--fast_network", "--amp"],
     "gpu_max": ["--deterministic", "0", "--fast_network", "--amp", "--low_memory", "0", "--mc_chunk", "0"],
+    "gpu_max+compile": ["--deterministic", "0", "--amp", "--low_memory", "0", "--mc_chunk", "0", "--compile", "1"],
+    "fast+amp+compile": ["--deterministic", "0", "--amp", "--compile", "1"],
 }
 _LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) : loss")
+_LOSS = re.compile(r"\] iteration (\d+) : loss ([^,\s]+)")
+
+
+def last_loss(log: Path) -> float:
+    """The loss of the last iteration logged in a trainer ``log.txt`` (NaN if none)."""
+    losses = [float(m.group(2)) for m in map(_LOSS.search, log.read_text().splitlines()) if m]
+    return losses[-1] if losses else float("nan")
 
 
 def iteration_times(log: Path) -> dict[int, float]:
@@ -95,7 +110,7 @@ def run_setting(args: argparse.Namespace, name: str, root: Path, out: Path) -> d
         return {"error": lines[-1][:200], "wall": wall}
     log = next(out.glob(f"{name}_{args.labeled_num}/*/log.txt"))
     per_iter = seconds_per_iteration(iteration_times(log), args.skip)
-    return {"s_per_iter": per_iter, "wall": wall}
+    return {"s_per_iter": per_iter, "wall": wall, "loss": last_loss(log)}
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     base = results.get("released")
     if base is not None and "error" in base:
         base = None
-    print(f"| setting | s/iter | speed-up | projected {args.project:,} iterations | whole run (s) |")
-    print("|---|---|---|---|---|")
+    print(f"| setting | s/iter | speed-up | projected {args.project:,} iterations | whole run (s) | last loss |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error']} | - | - | {r['wall']:.0f} |")
+            print(f"| {name} | failed: {r['error']} | - | - | {r['wall']:.0f} | - |")
             continue
         speed = f"{base['s_per_iter'] / r['s_per_iter']:.2f}x" if base else "-"
         hours = r["s_per_iter"] * args.project / 3600
-        print(f"| {name} | {r['s_per_iter']:.3f} | {speed} | {hours:.2f} h | {r['wall']:.0f} |")
+        print(f"| {name} | {r['s_per_iter']:.3f} | {speed} | {hours:.2f} h | {r['wall']:.0f} | {r['loss']:.4f} |")
     return 0
 
 

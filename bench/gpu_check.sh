@@ -4,6 +4,8 @@
 #   30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
 #   4. sliding-window inference on CUDA (bench_infer.py).
 # Each step has its own time limit and log; a failing step does not stop the others. Logs go to $OUT (or gpu_out/).
+# STEPS picks and orders the steps (default "tests bench_loop bench_train bench_infer"); SETTINGS the loop's settings;
+# TEST_K a pytest -k filter for the CUDA tests.
 # Optional: UGMCL_SHARED=<copy of ../shared> for the golden-value tests; .whl/ with wheels of missing packages.
 set -u
 OUT=${OUT:-gpu_out}
@@ -29,11 +31,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc;
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"; } 2>&1
 
-step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/utils/test_sliding_window.py
-step bench_loop "${T_LOOP:-200}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
-    --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
-    --settings gpu_max fast+amp fast released
-step bench_train "${T_STEP:-150}" $PY bench/bench_train.py --device cuda --patch "${PATCH:-96}" --batch 4 --T 8 \
-    --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last +cudnn_benchmark --amp
-step bench_infer "${T_INFER:-90}" $PY bench/bench_infer.py --device cuda --amp --repeats 3
+run_step() {
+    case $1 in
+    tests) step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
+        tests/test_cuda.py tests/utils/test_sliding_window.py ;;
+    bench_loop) step bench_loop "${T_LOOP:-200}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
+        --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
+        --settings ${SETTINGS:-gpu_max fast+amp fast released} ;;
+    bench_train) step bench_train "${T_STEP:-150}" $PY bench/bench_train.py --device cuda --patch "${PATCH:-96}" \
+        --batch 4 --T 8 --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last \
+        +cudnn_benchmark --amp ;;
+    bench_infer) step bench_infer "${T_INFER:-90}" $PY bench/bench_infer.py --device cuda --amp --repeats 3 ;;
+    *) echo "unknown step $1" ;;
+    esac
+}
+for name in ${STEPS:-tests bench_loop bench_train bench_infer}; do
+    run_step "$name"
+done
 echo "=== done"

@@ -99,6 +99,11 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--fast_network", action="store_true",
                    help="CPU: fused InstanceNorm+ReLU and channels_last_3d, ~1.45x faster, same maths, not "
                         "bit-identical (no effect on CUDA, where the plain network is faster)")
+    g.add_argument("--compile", type=int, choices=[0, 1], default=d.compile,
+                   help="1: torch.compile (Inductor) the student's and the teacher's forwards; for CUDA, best with "
+                        "--deterministic 0 --amp --low_memory 0. The first iterations compile (about a minute); "
+                        "dropout then draws other random numbers (another draw, like another seed); no speed-up "
+                        "on CPU")
     g.add_argument("--stride_xy", type=int, default=d.stride_xy, help="validation sliding-window stride")
     g.add_argument("--stride_z", type=int, default=d.stride_z)
     g.add_argument("--sw_batch", type=int, default=d.sw_batch)

@@ -58,6 +58,7 @@ class TrainConfig:
     fast_network: bool = False  # CPU: fused InstanceNorm + ReLU, channels_last_3d (U-Nets): ~1.45x, not bit-exact
     low_memory: int = 1  # UG-MCL: teacher first, B rows per forward (~1/3 the memory; CPU: released losses)
     keep_freed_memory: int = 1  # CPU: glibc keeps freed blocks (utils.allocator): ~1.3x faster, more RSS
+    compile: int = 0  # torch.compile the student's and teacher's forwards (CUDA; the first iterations compile)
     resume: bool = False
     stride_xy: int = 64
     stride_z: int = 64

@@ -381,6 +381,25 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.base_lr
 
 
+# Dynamo's back end for ``--compile``; the tests use "eager" (Dynamo's tracing without code generation).
+COMPILE_BACKEND = "inductor"
+
+
+def _compile_forwards(student: nn.Module, method: Method) -> None:
+    """``torch.compile`` the forwards of the student and of the method's teacher, if any, in place.
+
+    ``nn.Module.compile`` keeps the modules themselves (``state_dict`` keys, the EMA update, the teacher copy and the
+    checkpoints do not change); only their calls run through Dynamo. ``dynamic=False``: every input shape (the
+    batch, the Monte-Carlo chunk, a validation window) gets its own static graph, compiled on first use.
+    """
+    teacher = getattr(method, "teacher", None)
+    for net in (student, teacher):
+        if isinstance(net, nn.Module):
+            net.compile(backend=COMPILE_BACKEND, dynamic=False)
+    logger.info("torch.compile (%s): student%s forwards compile on first use", COMPILE_BACKEND,
+                " and teacher" if isinstance(teacher, nn.Module) else "")
+
+
 def _autocast(device: torch.device, enabled: bool) -> Any:
     if not enabled:
         return nullcontext()
@@ -459,6 +478,8 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
     # DDP (averages the gradients) with several processes, else the student itself
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
     method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
+    if cfg.compile:
+        _compile_forwards(student, method)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
     if info.rank > 0:  # own dropout and teacher-noise streams; rank 0 keeps the single-process one

@@ -331,7 +331,7 @@ def _dropout(module: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor
         mask = noise != 0
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"pre-drawn dropout mask {tuple(mask.shape)} does not fit activation {tuple(x.shape)}")
-    if not recording:
+    if not recording or torch.compiler.is_compiling():  # compiled: the graph plans what its backward keeps
         return x * mask.to(x.dtype).div_(1.0 - p)
     out = _MaskedDropout.apply(x, mask, p)
     out._unet_recompute = _Dropped(x, mask, p)  # type: ignore[attr-defined]

@@ -160,3 +160,45 @@ def test_keep_freed_memory_is_on_by_default_and_can_be_switched_off(tiny_root: P
     assert config_from_args(build_parser().parse_args(["--keep_freed_memory", "0"])).keep_freed_memory == 0
     train(tiny_config(tiny_root, max_iterations=1, keep_freed_memory=0), model_dir=tmp_path, progress=False)
     assert "glibc keeps freed memory" not in (tmp_path / "tiny_2" / "unet_3D_dt" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("low_memory", [0, 1])
+def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, low_memory: int
+) -> None:
+    from torch._dynamo.utils import counters
+
+    import engine.trainer as trainer
+
+    sys.path.insert(0, str(CODE))
+    from train_UGMCL_3D import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args([])).compile == 0
+    assert config_from_args(build_parser().parse_args(["--compile", "1"])).compile == 1
+    # Dynamo's tracing without code generation: the graphs run the same aten ops, so the random stream, the losses
+    # and the weights must stay those of the plain run, while every forward goes through a captured graph.
+    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "eager")
+    cfg = tiny_config(tiny_root, max_iterations=3, val_interval=3, save_interval=3, low_memory=low_memory)
+    torch._dynamo.reset()
+    counters.clear()
+    train(cfg, model_dir=tmp_path / "plain", progress=False)
+    assert not counters["stats"]["unique_graphs"]
+    train(replace(cfg, compile=1), model_dir=tmp_path / "compiled", progress=False)
+    # student (train step, image grid, validation) and teacher (noisy pass, Monte-Carlo passes): one graph per
+    # network, mode and shape, and no graph breaks (low_memory's pre-drawn dropout masks included)
+    assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+    def run(name: str) -> tuple[list[str], dict[str, torch.Tensor], str]:
+        out = tmp_path / name / "tiny_2" / "unet_3D_dt"
+        log = (out / "log.txt").read_text()
+        losses = [line.split(" : loss ")[1].split(",")[0] for line in log.splitlines() if " : loss " in line]
+        return losses, torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True), log
+
+    plain_losses, plain_weights, _ = run("plain")
+    losses, weights, log = run("compiled")
+    assert len(losses) == 3 and losses == plain_losses
+    assert list(weights) == list(plain_weights)  # the published keys: no "_orig_mod." prefix
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+    assert "torch.compile (eager): student and teacher forwards" in log
+    torch._dynamo.reset()
