@@ -35,9 +35,9 @@ run_step() {
     case $1 in
     tests) step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
         tests/test_cuda.py tests/utils/test_sliding_window.py ;;
-    bench_loop) step bench_loop "${T_LOOP:-200}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
+    bench_loop) step bench_loop "${T_LOOP:-330}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
         --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
-        --settings ${SETTINGS:-gpu_max fast+amp fast released} ;;
+        --settings ${SETTINGS:-released fast+amp gpu_max gpu_max+compile} ;;
     bench_train) step bench_train "${T_STEP:-150}" $PY bench/bench_train.py --device cuda --patch "${PATCH:-96}" \
         --batch 4 --T 8 --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last \
         +cudnn_benchmark --amp ;;

@@ -202,28 +202,39 @@ def test_low_memory_order_on_cuda_gives_the_released_losses(true_fp32) -> None:
         assert reordered[key] == pytest.approx(released[key], rel=1e-5, abs=1e-7), key
 
 
-def test_compiled_unet_3D_dt_on_cuda_reproduces_the_golden_outputs_and_the_eager_gradients(
+def _relative_gradient_error(net: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||g - g_ref|| / ||g_ref||`` of all parameter gradients of ``mean(z^2) + mean(tanh z)`` against a reference."""
+    net.zero_grad(set_to_none=True)
+    dis, logits = net(x)
+    (logits.square().mean() + dis.mean()).backward()
+    got = torch.cat([p.grad.detach().flatten().cpu().double() for p in net.parameters()])
+    return ((got - reference).norm() / reference.norm()).item()
+
+
+def test_compiled_unet_3D_dt_on_cuda_reproduces_the_golden_outputs_and_float64_gradients(
     golden_dir: Path, true_fp32
 ) -> None:
     golden = torch.load(golden_dir / "unet_3D_dt_golden.pt", weights_only=True)
     eager = unet_3D_dt(n_classes=2, in_channels=1)
     eager.load_state_dict(golden["state_dict"], strict=True)
+    reference = copy.deepcopy(eager).double().eval()  # float64 on the CPU: the independent reference
+    dis, logits = reference(golden["input"].double())
+    (logits.square().mean() + dis.mean()).backward()
+    g_ref = torch.cat([p.grad.flatten() for p in reference.parameters()])
     eager = eager.cuda().eval()
     compiled = copy.deepcopy(eager)
     compiled.compile(dynamic=False)  # Inductor, as --compile 1
     x = golden["input"].cuda()
-    grads = []
-    for net in (compiled, eager):
-        dis, logits = net(x)
-        (logits.square().mean() + dis.mean()).backward()
-        grads.append([p.grad.detach().clone() for p in net.parameters()])
-        if net is compiled:
-            torch.testing.assert_close(logits.detach().cpu(), golden["logits"], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(dis.detach().cpu(), golden["dis"], rtol=1e-4, atol=1e-4)
-    # ||g - g_eager|| / ||g_eager|| over all parameters: the biases before each InstanceNorm get gradients of pure
-    # rounding noise (the norm removes them), so a per-tensor relative check would compare noise with noise
-    got, want = (torch.cat([g.flatten() for g in gs]).double() for gs in grads)
-    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    with torch.no_grad():
+        dis, logits = compiled(x)
+    torch.testing.assert_close(logits.cpu(), golden["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dis.cpu(), golden["dis"], rtol=1e-4, atol=1e-4)
+    # The biases before each InstanceNorm get gradients of pure rounding noise (the norm removes them), so the check is
+    # on all gradients together, against float64, with eager fp32 on the same GPU as the yardstick.
+    err_eager = _relative_gradient_error(eager, x, g_ref)
+    err_compiled = _relative_gradient_error(compiled, x, g_ref)
+    print(f"relative gradient error vs float64: eager {err_eager:.2e}, compiled {err_compiled:.2e}")
+    assert err_compiled < max(4 * err_eager, 1e-4), (err_eager, err_compiled)
 
 
 def test_training_on_cuda_with_compile_gives_finite_losses_and_a_plain_best_model(tiny_root: Path, tmp_path: Path):

@@ -113,6 +113,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--max_iterations must be positive, got {cfg.max_iterations}")
     if cfg.variant not in ("released", "paper"):
         raise TrainingError(f"--variant must be 'released' or 'paper', got {cfg.variant!r}")
+    if cfg.compile and cfg.fast_network:
+        raise TrainingError(
+            "--compile 1 and --fast_network do not go together: the fused network's own autograd steps do not "
+            "compile; --fast_network is the eager CPU speed-up, --compile 1 the CUDA one"
+        )
     if cfg.lr_schedule not in ("constant", "poly"):
         raise TrainingError(f"--lr_schedule must be 'constant' or 'poly', got {cfg.lr_schedule!r}")
 
@@ -393,6 +398,9 @@ def _compile_forwards(student: nn.Module, method: Method) -> None:
     batch, the Monte-Carlo chunk, a validation window) gets its own static graph, compiled on first use.
     """
     teacher = getattr(method, "teacher", None)
+    if next(student.parameters()).device.type == "cpu":
+        logger.warning("--compile 1 on CPU: no speed-up was measured there (torch 2.13, oneDNN convolutions), only "
+                       "minutes of compiling")
     for net in (student, teacher):
         if isinstance(net, nn.Module):
             net.compile(backend=COMPILE_BACKEND, dynamic=False)

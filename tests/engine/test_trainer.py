@@ -80,6 +80,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_root: Path, t
         ({"stride_xy": 48}, "or the sliding windows leave gaps"),
         ({"labeled_num": 50}, "larger than the training list"),
         ({"root_path": "/nonexistent/BraTS"}, "make demo"),
+        ({"compile": 1, "fast_network": True}, "--compile 1 and --fast_network do not go together"),
     ],
 )
 def test_bad_options_give_one_line_errors(tiny_root: Path, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -201,4 +202,5 @@ def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
     assert list(weights) == list(plain_weights)  # the published keys: no "_orig_mod." prefix
     assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
     assert "torch.compile (eager): student and teacher forwards" in log
+    assert "--compile 1 on CPU: no speed-up was measured" in log
     torch._dynamo.reset()
