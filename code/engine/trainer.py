@@ -386,8 +386,9 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.base_lr
 
 
-# Dynamo's back end for ``--compile``; the tests use "eager" (Dynamo's tracing without code generation).
-COMPILE_BACKEND = "inductor"
+# Dynamo's back end for ``--compile``. Testing hook, not a user option: the tests use "eager" (Dynamo's tracing
+# without code generation), also in torchrun's processes through UGMCL_COMPILE_BACKEND=eager.
+COMPILE_BACKEND = os.environ.get("UGMCL_COMPILE_BACKEND", "inductor")
 
 
 def _compile_forwards(student: nn.Module, method: Method) -> None:

@@ -154,6 +154,23 @@ def test_one_process_under_torchrun_equals_the_plain_run(tiny_root: Path, tmp_pa
         assert torch.equal(value, _weights(b)[key]), key
 
 
+@pytest.mark.slow  # one more torchrun launch with Dynamo tracing, about 20 s on two cores
+def test_two_processes_with_compile_end_like_the_plain_two_process_run(
+    tiny_root: Path, two_rank_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UGMCL_COMPILE_BACKEND", "eager")  # Dynamo's graphs run the same aten ops: same numbers
+    _train(tiny_root, tmp_path, "--max_iterations", "3", "--compile", "1")
+    out, _ = two_rank_run
+    compiled = [torch.load(tmp_path / "tiny_2" / "unet_3D_dt" / f"rank{r}_final.pt", weights_only=True) for r in (0, 1)]
+    plain = [torch.load(out / f"rank{r}_final.pt", weights_only=True) for r in (0, 1)]
+    assert "torch.compile (eager)" in (tmp_path / "tiny_2" / "unet_3D_dt" / "log.txt").read_text()
+    for rank in (0, 1):
+        assert compiled[rank]["cases"] == plain[rank]["cases"]
+        a, b = _weights(compiled[rank]), _weights(plain[rank])
+        for key in b:
+            assert torch.equal(a[key], b[key]), (rank, key)
+
+
 # ----------------------------------------------------------------------------------------------
 # the helpers of engine/distributed.py
 # ----------------------------------------------------------------------------------------------
