@@ -8,7 +8,8 @@ Run from the repository root::
 Each variant builds the seeded ``unet_3D_dt`` and UG-MCL method afresh, runs ``--warmup`` iterations, then times
 ``--iters`` (median, device synchronised). A variant is ``precision/network/order/chunk``: ``fp32`` or ``bf16``
 (autocast), ``plain`` (``InstanceNorm3d`` modules) or ``fast`` (fused norm + ReLU, channels-last), ``lowmem``
-(teacher first, B rows per forward) or ``released`` order, and ``mc_chunk`` (0 = all T passes in one forward).
+(teacher first, B rows per forward) or ``released`` order, and ``mc_chunk`` (0 = all T passes in one forward);
+an optional fifth part ``compile`` adds ``--compile 1`` (e.g. ``bf16/plain/released/0/compile``; give it a warm-up).
 With ``--profile``, the named variants get one more iteration under ``torch.profiler`` and the table of their
 most expensive operators (self device time) is printed: where the time goes.
 """
@@ -39,14 +40,23 @@ DEFAULT_VARIANTS = [
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``"bf16/fast/lowmem/2"`` -> ``{"amp": True, "fast": True, "low_memory": True, "mc_chunk": 2}``."""
+    """``"bf16/fast/lowmem/2"`` -> ``{"amp": True, "fast": True, "low_memory": True, "mc_chunk": 2, "compile": False}``.
+
+    A fifth part ``compile`` (``"bf16/plain/released/0/compile"``) runs the forwards through ``torch.compile`` as
+    ``--compile 1`` does (not with the ``fast`` network).
+    """
     parts = text.split("/")
+    compiled = len(parts) == 5 and parts[4] == "compile"
+    if compiled:
+        parts = parts[:4]
     if len(parts) != 4 or parts[0] not in ("fp32", "bf16") or parts[1] not in ("plain", "fast"):
-        raise ValueError(f"variant {text!r} is not precision/network/order/chunk, e.g. bf16/fast/lowmem/2")
+        raise ValueError(f"variant {text!r} is not precision/network/order/chunk[/compile], e.g. bf16/fast/lowmem/2")
     if parts[2] not in ("lowmem", "released") or not parts[3].isdigit():
         raise ValueError(f"variant {text!r}: order is lowmem or released, chunk a non-negative int")
+    if compiled and parts[1] == "fast":
+        raise ValueError(f"variant {text!r}: compile goes with the plain network only (as --compile 1)")
     return {"amp": parts[0] == "bf16", "fast": parts[1] == "fast", "low_memory": parts[2] == "lowmem",
-            "mc_chunk": int(parts[3])}
+            "mc_chunk": int(parts[3]), "compile": compiled}
 
 
 def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[float, float, str]:
@@ -54,6 +64,7 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
     import torch
 
     from engine.config import TrainConfig
+    from engine.trainer import _compile_forwards
     from methods.ugmcl import UGMCL
     from networks.unet_3D import set_fused_norm, to_channels_last, unet_3D_dt
     from utils.device import get_device
@@ -68,6 +79,8 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
         to_channels_last(set_fused_norm(student))
     student.train()
     method = UGMCL(student, cfg, low_memory=v["low_memory"])
+    if v["compile"]:
+        _compile_forwards(student, method)  # the trainer's own --compile 1; warm-up iterations compile
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     batch = _batch(args, device)
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16

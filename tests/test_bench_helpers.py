@@ -1,0 +1,44 @@
+"""The log parsing and variant names of the benchmark scripts (their tables are only as right as these)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from bench_train_loop import iteration_times, last_loss, seconds_per_iteration  # noqa: E402
+from profile_train_step import parse_variant  # noqa: E402
+
+
+def test_loop_log_gives_gaps_across_midnight_and_the_last_loss(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "[23:59:58.000] config: {}\n"
+        "[23:59:58.500] iteration 1 : loss 1.5, supervised_loss 1.2\n"
+        "[23:59:59.100] iteration 2 : loss 1.25, supervised_loss 1.1\n"
+        "[23:59:59.750] iteration 3 : loss 1e-2, supervised_loss 1.0\n"
+        "[23:59:59.800] iteration 3 : val dice 0.5000 hd95 3.00\n"
+        "[00:00:00.500] iteration 4 : loss 0.75, supervised_loss 0.9\n"
+    )
+    times = iteration_times(log)
+    assert times[4] - times[3] == pytest.approx(0.75)  # 23:59:59.750 -> 00:00:00.500 the next day
+    assert seconds_per_iteration(times, skip=0) == pytest.approx(0.65)  # median of the gaps 0.6, 0.65, 0.75
+    assert seconds_per_iteration(times, skip=1) == pytest.approx(0.7)  # iteration 1 left out: 0.65 and 0.75
+    assert last_loss(log) == 0.75
+    with pytest.raises(ValueError, match="fewer than two"):
+        seconds_per_iteration(times, skip=3)
+    log.write_text("[00:00:00.000] config: {}\n")
+    assert last_loss(log) != last_loss(log)  # NaN when no iteration was logged
+
+
+def test_profile_variant_names() -> None:
+    assert parse_variant("bf16/fast/lowmem/2") == {
+        "amp": True, "fast": True, "low_memory": True, "mc_chunk": 2, "compile": False}
+    assert parse_variant("fp32/plain/released/0/compile") == {
+        "amp": False, "fast": False, "low_memory": False, "mc_chunk": 0, "compile": True}
+    for bad in ("fp16/plain/released/0", "bf16/plain/released/x", "bf16/fast/lowmem/2/compile", "bf16/plain/other/2"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
