@@ -64,7 +64,7 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
     import torch
 
     from engine.config import TrainConfig
-    from engine.trainer import _compile_forwards
+    from engine.trainer import compile_forwards
     from methods.ugmcl import UGMCL
     from networks.unet_3D import set_fused_norm, to_channels_last, unet_3D_dt
     from utils.device import get_device
@@ -80,7 +80,7 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
     student.train()
     method = UGMCL(student, cfg, low_memory=v["low_memory"])
     if v["compile"]:
-        _compile_forwards(student, method)  # the trainer's own --compile 1; warm-up iterations compile
+        compile_forwards(student, method)  # the trainer's own --compile 1; warm-up iterations compile
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     batch = _batch(args, device)
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16

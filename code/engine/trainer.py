@@ -68,7 +68,7 @@ from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
-__all__ = ["TrainingError", "build_network", "check_config", "run_dir", "train"]
+__all__ = ["TrainingError", "build_network", "check_config", "compile_forwards", "run_dir", "train"]
 
 logger = logging.getLogger("ugmcl")
 
@@ -391,7 +391,7 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 COMPILE_BACKEND = os.environ.get("UGMCL_COMPILE_BACKEND", "inductor")
 
 
-def _compile_forwards(student: nn.Module, method: Method) -> None:
+def compile_forwards(student: nn.Module, method: Method) -> None:
     """``torch.compile`` the forwards of the student and of the method's teacher, if any, in place.
 
     ``nn.Module.compile`` keeps the modules themselves (``state_dict`` keys, the EMA update, the teacher copy and the
@@ -488,7 +488,7 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
     method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
     if cfg.compile:
-        _compile_forwards(student, method)
+        compile_forwards(student, method)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
     if info.rank > 0:  # own dropout and teacher-noise streams; rank 0 keeps the single-process one
