@@ -25,11 +25,13 @@ RNG states are saved, so resuming with the same N is exact as well. Without torc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -68,7 +70,8 @@ from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
-__all__ = ["TrainingError", "build_network", "check_config", "compile_forwards", "run_dir", "train"]
+__all__ = ["TrainingError", "build_network", "check_compile_support", "check_config", "compile_forwards", "run_dir",
+           "train"]
 
 logger = logging.getLogger("ugmcl")
 
@@ -391,6 +394,29 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 COMPILE_BACKEND = os.environ.get("UGMCL_COMPILE_BACKEND", "inductor")
 
 
+def check_compile_support(device: torch.device) -> None:
+    """Refuse ``--compile 1`` where Inductor cannot generate code: on CUDA no Triton or a GPU older than Volta, on
+    CPU no C++ compiler.
+
+    Raises:
+        TrainingError: naming what is missing (Inductor would otherwise fail deep inside the first iteration).
+    """
+    if COMPILE_BACKEND != "inductor":
+        return
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise TrainingError("--compile 1 on CPU needs a C++ compiler (g++ or clang++), and none is on PATH; "
+                            "train without --compile (it gives no speed-up on CPU)")
+    if device.type != "cuda":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise TrainingError("--compile 1 on CUDA needs Triton, which is not installed (pip install triton; the "
+                            "Linux CUDA wheels of torch bring it), or train without --compile")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 0):
+        raise TrainingError(f"--compile 1 needs a GPU of compute capability 7.0 or newer (Triton); "
+                            f"{torch.cuda.get_device_name(device)} is {major}.{minor}: train without --compile")
+
+
 def compile_forwards(student: nn.Module, method: Method) -> None:
     """``torch.compile`` the forwards of the student and of the method's teacher, if any, in place.
 
@@ -466,6 +492,8 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
             atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         logger.info("config: %s", json.dumps(cfg.to_dict()))
         logger.info("device: %s", device)
+        if cfg.compile:
+            check_compile_support(device)
         if device.type == "cpu" and cfg.keep_freed_memory:
             kept = keep_freed_memory()  # before the large allocations; process-wide, speed and memory only
             logger.info("glibc keeps freed memory for reuse: %s", "yes" if kept else "not available here")

@@ -204,3 +204,28 @@ def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
     assert "torch.compile (eager): student and teacher forwards" in log
     assert "--compile 1 on CPU: no speed-up was measured" in log
     torch._dynamo.reset()
+
+
+def test_compile_on_a_gpu_without_triton_or_older_than_volta_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import engine.trainer as trainer
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla K80")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (3, 7))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    with pytest.raises(TrainingError, match="needs Triton, which is not installed"):
+        trainer.check_compile_support(cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else None)
+    with pytest.raises(TrainingError, match=r"compute capability 7.0 or newer \(Triton\); Tesla K80 is 3.7"):
+        trainer.check_compile_support(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    trainer.check_compile_support(cuda)  # a Hopper GPU with Triton: accepted
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    trainer.check_compile_support(torch.device("cpu"))  # CPU with a C++ compiler on PATH: accepted
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+    with pytest.raises(TrainingError, match="needs a C\\+\\+ compiler"):
+        trainer.check_compile_support(torch.device("cpu"))
