@@ -229,3 +229,29 @@ def test_compile_on_a_gpu_without_triton_or_older_than_volta_is_refused(monkeypa
     monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
     with pytest.raises(TrainingError, match="needs a C\\+\\+ compiler"):
         trainer.check_compile_support(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "method, model",
+    [("supervised", "unet_3D"), ("mean_teacher", "unet_3D"), ("uamt", "unet_3D"), ("entropy_min", "unet_3D"),
+     ("dtc", "vnet_dt"), ("urpc", "unet_3D_ds")],
+)
+def test_compile_option_traces_every_baseline_without_graph_breaks(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, model: str
+) -> None:
+    from torch._dynamo.utils import counters
+
+    import engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "eager")
+    cfg = tiny_config(tiny_root, method=method, model=model, max_iterations=2, val_interval=2, save_interval=2)
+    losses = []
+    for compiled in (0, 1):
+        torch._dynamo.reset()
+        counters.clear()
+        summary = train(replace(cfg, compile=compiled), model_dir=tmp_path / str(compiled), progress=False)
+        log = (Path(summary["out_dir"]) / "log.txt").read_text()
+        losses.append([line.split(" : loss ")[1].split(",")[0] for line in log.splitlines() if " : loss " in line])
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
+    assert len(losses[0]) == 2 and losses[1] == losses[0]
+    torch._dynamo.reset()
