@@ -396,11 +396,14 @@ COMPILE_BACKEND = os.environ.get("UGMCL_COMPILE_BACKEND", "inductor")
 
 def check_compile_support(device: torch.device) -> None:
     """Refuse ``--compile 1`` where Inductor cannot generate code: on CUDA no Triton or a GPU older than Volta, on
-    CPU no C++ compiler.
+    CPU no C++ compiler. On CPU it also logs that compiling brings no speed-up there.
 
     Raises:
         TrainingError: naming what is missing (Inductor would otherwise fail deep inside the first iteration).
     """
+    if device.type == "cpu":
+        logger.warning("--compile 1 on CPU: no speed-up was measured there (torch 2.13, oneDNN convolutions), only "
+                       "minutes of compiling")
     if COMPILE_BACKEND != "inductor":
         return
     if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
@@ -425,9 +428,6 @@ def compile_forwards(student: nn.Module, method: Method) -> None:
     batch, the Monte-Carlo chunk, a validation window) gets its own static graph, compiled on first use.
     """
     teacher = getattr(method, "teacher", None)
-    if next(student.parameters()).device.type == "cpu":
-        logger.warning("--compile 1 on CPU: no speed-up was measured there (torch 2.13, oneDNN convolutions), only "
-                       "minutes of compiling")
     for net in (student, teacher):
         if isinstance(net, nn.Module):
             net.compile(backend=COMPILE_BACKEND, dynamic=False)
