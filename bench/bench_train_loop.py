@@ -44,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ROOT / "code"
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic dataset writer of the tests
+sys.path.insert(0, str(CODE))  # engine.trainer.logged_losses reads the logs
 
 SETTINGS: dict[str, list[str]] = {
     "released": ["--deterministic", "1"],
@@ -54,12 +55,13 @@ SETTINGS: dict[str, list[str]] = {
     "fast+amp+compile": ["--deterministic", "0", "--amp", "--compile", "1"],
 }
 _LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) : loss")
-_LOSS = re.compile(r"\] iteration (\d+) : loss ([^,\s]+)")
 
 
 def last_loss(log: Path) -> float:
     """The loss of the last iteration logged in a trainer ``log.txt`` (NaN if none)."""
-    losses = [float(m.group(2)) for m in map(_LOSS.search, log.read_text().splitlines()) if m]
+    from engine.trainer import logged_losses
+
+    losses = logged_losses(log.read_text())
     return losses[-1] if losses else float("nan")
 
 

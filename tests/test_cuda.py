@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import TrainConfig
-from engine.trainer import train
+from engine.trainer import logged_losses, train
 from methods.base import Batch
 from methods.ugmcl import UGMCL, ugmcl_objective
 from networks.unet_3D import instance_norm_relu, set_fused_norm, to_channels_last, unet_3D_dt
@@ -247,7 +247,7 @@ def test_training_on_cuda_with_compile_gives_finite_losses_and_a_plain_best_mode
     train(cfg, model_dir=tmp_path, progress=False)
     out = tmp_path / "tiny_2" / "unet_3D_dt"
     log = (out / "log.txt").read_text()
-    losses = [float(line.split(" : loss ")[1].split(",")[0]) for line in log.splitlines() if " : loss " in line]
+    losses = logged_losses(log)
     assert len(losses) == 3 and all(np.isfinite(losses)) and 0.1 < losses[0] < 10, losses
     net = unet_3D_dt(feature_scale=16)
     net.load_state_dict(torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True), strict=True)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -70,8 +71,8 @@ from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
-__all__ = ["TrainingError", "build_network", "check_compile_support", "check_config", "compile_forwards", "run_dir",
-           "train"]
+__all__ = ["TrainingError", "build_network", "check_compile_support", "check_config", "compile_forwards", "logged_losses",
+           "run_dir", "train"]
 
 logger = logging.getLogger("ugmcl")
 
@@ -363,6 +364,14 @@ def _setup_logging(out: Path | None) -> None:
     file_handler = logging.FileHandler(out / "log.txt")
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
+
+
+_LOGGED_LOSS = re.compile(r"\] iteration \d+ : loss ([^,\s]+)")
+
+
+def logged_losses(log_text: str) -> list[float]:
+    """The per-iteration losses of a run's ``log.txt`` (its ``iteration N : loss ...`` lines), in order."""
+    return [float(m.group(1)) for m in map(_LOGGED_LOSS.search, log_text.splitlines()) if m]
 
 
 def _image_grid(batch: Batch, probs: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import TrainConfig
-from engine.trainer import TrainingError, train
+from engine.trainer import TrainingError, logged_losses, train
 from synthetic_h5 import write_synthetic_h5_dataset
 
 CODE = Path(__file__).resolve().parents[2] / "code"
@@ -190,11 +190,10 @@ def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
     assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 
-    def run(name: str) -> tuple[list[str], dict[str, torch.Tensor], str]:
+    def run(name: str) -> tuple[list[float], dict[str, torch.Tensor], str]:
         out = tmp_path / name / "tiny_2" / "unet_3D_dt"
         log = (out / "log.txt").read_text()
-        losses = [line.split(" : loss ")[1].split(",")[0] for line in log.splitlines() if " : loss " in line]
-        return losses, torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True), log
+        return logged_losses(log), torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True), log
 
     plain_losses, plain_weights, _ = run("plain")
     losses, weights, log = run("compiled")
@@ -251,7 +250,7 @@ def test_compile_option_traces_every_baseline_without_graph_breaks(
         counters.clear()
         summary = train(replace(cfg, compile=compiled), model_dir=tmp_path / str(compiled), progress=False)
         log = (Path(summary["out_dir"]) / "log.txt").read_text()
-        losses.append([line.split(" : loss ")[1].split(",")[0] for line in log.splitlines() if " : loss " in line])
+        losses.append(logged_losses(log))
     assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
     assert len(losses[0]) == 2 and losses[1] == losses[0]
     torch._dynamo.reset()
