@@ -199,13 +199,19 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, default=64, help="cubic patch side (multiple of 16). Default 64")
+def add_problem_size_arguments(parser: argparse.ArgumentParser, patch: int = 96) -> None:
+    """``--patch``, ``--batch``, ``--labeled_bs``, ``--T`` and ``--feature_scale``: the size of a UG-MCL iteration,
+    shared by the training benchmarks (published size by default; ``patch`` sets the default patch side)."""
+    parser.add_argument("--patch", type=int, default=patch, help=f"cubic patch side (multiple of 16). Default {patch}")
     parser.add_argument("--batch", type=int, default=4, help="batch size. Default 4")
     parser.add_argument("--labeled_bs", type=int, default=2, help="labelled rows in the batch. Default 2")
     parser.add_argument("--T", type=int, default=8, help="Monte-Carlo teacher passes. Default 8")
     parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filters / feature_scale. Default 4")
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_problem_size_arguments(parser, patch=64)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]. Default auto")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations. Default 3")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first. Default 1")

@@ -46,6 +46,8 @@ CODE = ROOT / "code"
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic dataset writer of the tests
 sys.path.insert(0, str(CODE))  # engine.trainer.logged_losses reads the logs
 
+from bench_train import add_problem_size_arguments  # noqa: E402
+
 SETTINGS: dict[str, list[str]] = {
     "released": ["--deterministic", "1"],
     "fast": ["--deterministic", "0", "--fast_network"],
@@ -117,11 +119,7 @@ def run_setting(args: argparse.Namespace, name: str, root: Path, out: Path) -> d
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, default=96, help="cubic patch side. Default 96 (published)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size. Default 4")
-    parser.add_argument("--labeled_bs", type=int, default=2, help="labelled rows. Default 2")
-    parser.add_argument("--T", type=int, default=8, help="Monte-Carlo teacher passes. Default 8")
-    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net width divisor. Default 4 (published)")
+    add_problem_size_arguments(parser)
     parser.add_argument("--iters", type=int, default=60, help="iterations per setting. Default 60")
     parser.add_argument("--skip", type=int, default=10, help="first iterations left out of the timing. Default 10")
     parser.add_argument("--project", type=int, default=30000, help="iterations of the projected run. Default 30000")

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import _batch, run_iteration  # noqa: E402
+from bench_train import _batch, add_problem_size_arguments, run_iteration  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "fp32/plain/released/2",
@@ -120,11 +120,7 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--labeled_bs", type=int, default=2)
-    parser.add_argument("--T", type=int, default=8)
-    parser.add_argument("--feature_scale", type=int, default=4)
+    add_problem_size_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]. Default auto")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per variant. Default 5")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first. Default 2")
