@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.conv import Conv3d
+from networks.dropout_masks import bernoulli_mask
 from networks.input_checks import SIDE_MULTIPLE, check_volume
 
 __all__ = [
@@ -289,10 +290,10 @@ def instance_norm_relu(x: Tensor, eps: float = 1e-5, inplace: bool = False) -> T
     return _normalise(x, eps, inplace)[0].relu_()
 
 
-def _dropout_noise(module: nn.Module, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The noise ``F.dropout`` multiplies by on CPU: ``empty -> bernoulli_(1 - p) -> div_(1 - p)``, logical order."""
-    p = module.p
-    return torch.empty(tuple(shape), dtype=dtype, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
+def _dropout_mask(module: nn.Module, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The elements ``F.dropout`` keeps on CPU, as booleans in the logical order: its noise is
+    ``empty -> bernoulli_(1 - p) -> div_(1 - p)``, and :func:`bernoulli_mask` draws that ``bernoulli_`` faster."""
+    return bernoulli_mask(shape, 1.0 - module.p, dtype, device)
 
 
 class _MaskedDropout(torch.autograd.Function):
@@ -315,7 +316,7 @@ def _dropout(module: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor
 
     ``F.dropout`` fills its noise tensor in memory order, so a channels-last activation would get other masks
     than the contiguous one for the same seed. For a non-contiguous ``x`` this draws the noise contiguously,
-    with torch's CPU steps (:func:`_dropout_noise`), and multiplies; contiguous input takes ``F.dropout`` itself,
+    with torch's CPU steps (:func:`_dropout_mask`), and multiplies; contiguous input takes ``F.dropout`` itself,
     as released. A boolean ``mask`` drawn beforehand (:meth:`unet_3D.draw_dropout_masks`) is used instead of
     drawing. Values are ``F.dropout``'s either way; with a graph, the own paths save a boolean mask and let the
     next layer keep the output as a recomputation (:func:`_pack_saved`).
@@ -325,10 +326,7 @@ def _dropout(module: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor
         return F.dropout(x, p, module.training, module.inplace)
     recording = torch.is_grad_enabled() and x.requires_grad
     if mask is None:
-        noise = _dropout_noise(module, x.shape, x.dtype, x.device)
-        if not recording:
-            return x * noise
-        mask = noise != 0
+        mask = _dropout_mask(module, x.shape, x.dtype, x.device)
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"pre-drawn dropout mask {tuple(mask.shape)} does not fit activation {tuple(x.shape)}")
     if not recording or torch.compiler.is_compiling():  # compiled: the graph plans what its backward keeps
@@ -539,8 +537,8 @@ class unet_3D(_UNet3DTrunk):  # noqa: N801 - the published name
         rows, spatial = shape[0], shape[2:]
         center = (rows, self.filters[4], *(s // SIDE_MULTIPLE for s in spatial))
         full = (rows, self.filters[0], *spatial)
-        first = _dropout_noise(self.dropout1, center, dtype, torch.device(device)) != 0
-        second = _dropout_noise(self.dropout2, full, dtype, torch.device(device)) != 0
+        first = _dropout_mask(self.dropout1, center, dtype, torch.device(device))
+        second = _dropout_mask(self.dropout2, full, dtype, torch.device(device))
         self._drawn_masks = (shape, first, second, 0)
 
     def _take_drawn_masks(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
