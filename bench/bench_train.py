@@ -34,7 +34,8 @@ after the other:
 ``all`` is the last fp32 configuration. The table gives wall and CPU seconds per iteration (the machine may be
 shared: with ``--rounds`` the configurations alternate and each keeps its fastest run; CPU seconds count the
 work of both threads, and also the spinning of idle OpenMP threads when the machine is busy), peak memory (``ru_maxrss`` on CPU, which includes the ~0.35 GB
-of the Python process and torch; ``torch.cuda.max_memory_allocated`` on CUDA), and the largest difference of the
+of the Python process and torch; ``torch.cuda.max_memory_allocated`` on CUDA; the peak over the warm-up iterations
+too: with ``+malloc`` the heap still grows in the second iteration, so ``--warmup 0 --iters 1`` understates it), and the largest difference of the
 per-iteration losses from the baseline's: at the first iteration (same weights, same random numbers: float
 rounding only) and over all iterations (the optimiser steps amplify rounding, mostly through the steep
 ``sigmoid(-1500 d)`` of the SDF loss and ReLU/uncertainty-mask flips, so later iterations drift apart by up to ~1e-3
