@@ -40,7 +40,7 @@ def _uniform_compare(shape: Sequence[int], keep_prob: float, generator: torch.Ge
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def uniform_matches_bernoulli(dtype: torch.dtype) -> bool:
     """True if, on CPU, ``bernoulli_`` on a ``dtype`` tensor draws what :func:`_uniform_compare` draws (masks and
     generator state afterwards), checked once on a private generator."""
