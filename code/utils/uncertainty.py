@@ -118,9 +118,10 @@ def mc_dropout_uncertainty(
             n = min(chunk, passes - start)
             noisy = (image.unsqueeze(0) + noise[start : start + n]).reshape(n * batch, *image.shape[1:])
             draw_masks = getattr(teacher, "draw_dropout_masks", None)
-            if 0 < max_rows < n * batch and callable(draw_masks):
+            if max_rows > 0 and callable(draw_masks):  # masks drawn ahead also for a chunk that fits one forward
                 draw_masks(noisy.shape, dtype=noisy.dtype, device=noisy.device)
-                logits = torch.cat([extract(teacher(rows)) for rows in noisy.split(max_rows)])
+                pieces = [extract(teacher(rows)) for rows in noisy.split(max_rows)]
+                logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             else:
                 logits = extract(teacher(noisy))
             if logits.shape[0] != n * batch:

@@ -42,6 +42,29 @@ def test_low_memory_order_reproduces_the_released_order_bit_for_bit():
     assert released[0]["mask_ratio"] < 1.0  # the uncertainty mask is not trivial, so it was compared too
 
 
+def test_low_memory_order_draws_every_dropout_mask_ahead(monkeypatch):
+    """Student, target pass and Monte-Carlo passes all take masks drawn ahead (``bernoulli_mask``, faster on CPU)
+    instead of letting ``F.dropout`` draw; the released order lets ``F.dropout`` draw all of them."""
+    import networks.unet_3D as unet_module
+
+    real_dropout = unet_module.F.dropout
+    drawing = []
+
+    def counting_dropout(x, p=0.5, training=True, inplace=False):
+        if training and 0.0 < p < 1.0:
+            drawing.append(tuple(x.shape))
+        return real_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(unet_module.F, "dropout", counting_dropout)
+    torch.manual_seed(0)
+    net = unet_3D_dt(feature_scale=16).train()
+    _run(copy.deepcopy(net), low_memory=True, steps=1)
+    assert drawing == []
+    _run(copy.deepcopy(net), low_memory=False, steps=1)
+    # 2 dropouts per forward: student (1 forward), target pass (1), T = 3 passes in chunks of 2 (2 forwards)
+    assert len(drawing) == 2 * 4
+
+
 def test_low_memory_order_with_the_fast_network_matches_to_float_rounding():
     torch.manual_seed(0)
     net = unet_3D_dt(feature_scale=16).train()
