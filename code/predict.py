@@ -41,6 +41,7 @@ from torch import nn
 from dataloaders.preprocess import nonzero_bbox, normalise_intensity
 from engine.evaluate import add_prediction_arguments, keep_largest_component, predict_case
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from utils.allocator import keep_freed_memory_on_cpu
 from utils.atomic import atomic_path
 from utils.checkpoint import (
     PUBLISHED_CHECKPOINTS,
@@ -359,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             checkpoint = Path(args.checkpoint)
         device = get_device(args.device)
+        keep_freed_memory_on_cpu(device.type, bool(args.keep_freed_memory))  # before the large tensors
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
         net = net_factory_3d(args.model, in_chns=1, class_num=args.num_classes, **kwargs)
         load_weights(net, checkpoint, map_location="cpu")

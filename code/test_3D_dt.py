@@ -27,6 +27,7 @@ from pathlib import Path
 
 from engine.evaluate import CaseFileError, add_prediction_arguments, evaluate, format_summary_table
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from utils.allocator import keep_freed_memory_on_cpu
 from utils.checkpoint import CheckpointError, CheckpointNotFoundError, git_blob_id, load_weights
 from utils.device import get_device
 
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model_dir) / args.exp / f"{args.model}_predictions"
     try:
         device = get_device(args.device)
+        keep_freed_memory_on_cpu(device.type, bool(args.keep_freed_memory))  # before the large tensors
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
         net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes, **kwargs)
         load_weights(net, checkpoint, map_location="cpu")

@@ -199,6 +199,14 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
         "the plain path up to float rounding at near-ties (no gain on CUDA)",
     )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
+    parser.add_argument(
+        "--keep_freed_memory",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="CPU: glibc keeps freed memory for reuse instead of page-faulting it in again (utils/allocator.py): "
+        "~1.5x faster plain prediction of a BraTS-sized volume, identical labels, a little more memory; 0: off",
+    )
     parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
 
 

@@ -151,6 +151,19 @@ def test_cli_writes_uint8_segmentation_and_uncertainty_with_the_input_affine(tmp
     assert uncertainty.max() > 0
 
 
+@pytest.mark.parametrize(("flag", "enabled"), [([], True), (["--keep_freed_memory", "0"], False)])
+def test_cli_keeps_freed_memory_by_default_on_cpu(tmp_path, checkpoint, monkeypatch, flag, enabled):
+    import predict
+
+    calls = []
+    monkeypatch.setattr(predict, "keep_freed_memory_on_cpu", lambda device_type, on: calls.append((device_type, on)))
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), tmp_path / "scan.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert main(["--input", str(tmp_path / "scan.nii.gz"), "--output", str(out), "--checkpoint", str(checkpoint),
+                 *FAST_ARGS, *flag]) == 0
+    assert calls == [("cpu", enabled)]
+
+
 def test_cli_uses_the_flair_of_a_brats_case_folder(tmp_path, checkpoint):
     case = tmp_path / "BraTS19_NEW_1"
     case.mkdir()

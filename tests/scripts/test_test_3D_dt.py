@@ -206,6 +206,18 @@ def test_fast_network_gives_the_plain_scores_and_is_recorded(run, dataset, model
     assert summary["config"]["fast"] is True
 
 
+@pytest.mark.parametrize(("flag", "enabled"), [([], True), (["--keep_freed_memory", "0"], False)])
+def test_keep_freed_memory_is_on_by_default_on_cpu(dataset, model_dir, tmp_path, monkeypatch, flag, enabled):
+    import test_3D_dt
+
+    calls = []
+    monkeypatch.setattr(test_3D_dt, "keep_freed_memory_on_cpu", lambda device_type, on: calls.append((device_type, on)))
+    out = tmp_path / "o"
+    args = ["--root_path", str(dataset), "--model_dir", str(model_dir), "--exp", "EXP", "--out_dir", str(out)]
+    assert main(args + ["--no_save", *FAST, *flag]) == 0
+    assert calls == [("cpu", enabled)]
+
+
 def test_checkpoint_that_does_not_fit_exits_1_naming_the_keys(dataset, tmp_path, capsys):
     state = tiny_net().state_dict()
     state["extra_head.weight"] = state.pop("final.weight")

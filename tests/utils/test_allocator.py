@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from utils import allocator
 from utils.allocator import keep_freed_memory
 
 CODE = Path(__file__).resolve().parents[2] / "code"
@@ -49,3 +50,13 @@ def test_repeated_large_allocations_stop_page_faulting():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="mmap_threshold must be positive"):
         keep_freed_memory(0)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "enabled", "called"), [("cpu", True, True), ("cpu", False, False), ("cuda", True, False)]
+)
+def test_keep_freed_memory_on_cpu_only_where_asked(monkeypatch, device_type, enabled, called):
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert allocator.keep_freed_memory_on_cpu(device_type, enabled) is called
+    assert calls == ([1] if called else [])
