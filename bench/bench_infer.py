@@ -5,6 +5,7 @@ Run from the repository root::
     python bench/bench_infer.py                               # 128x128x96 and 144x176x144, patch 96, stride 64
     python bench/bench_infer.py --shapes 128 128 96 --repeats 3
     python bench/bench_infer.py --checkpoint ../model/.../unet_3D_dt_best_model.pth --malloc
+    python bench/bench_infer.py --blends uniform --repeats 3 --both_allocators   # default and --malloc, one table
 
 For each volume shape, every combination of blending (uniform as released, gaussian), windows per forward pass
 (``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
@@ -20,15 +21,20 @@ The network is ``unet_3D_dt`` with seeded random weights, or ``--checkpoint`` (a
 gives the median wall and CPU seconds per volume over ``--repeats`` runs (after one warm-up), the speed-up over
 the plain path with the same blending and batch and over the released algorithm (plain, uniform, one window at a
 time), and the share of voxels whose label equals the released algorithm's. ``--malloc`` / ``--thp`` apply the
-allocator settings of ``bench_train.py``'s ``+malloc`` / ``+thp`` rows to the whole run. A random network leaves many voxels at
+allocator settings of ``bench_train.py``'s ``+malloc`` / ``+thp`` rows to the whole run; ``--both_allocators`` runs
+every row with glibc's default and then with ``--malloc``, in two fresh processes, and prints one table whose
+speed-ups are against the default allocator's plain path. A random network leaves many voxels at
 probability ~0.5, where float rounding can flip a label; a trained one far fewer.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +73,41 @@ def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
     return statistics.median(walls), statistics.median(cpus), out  # type: ignore[return-value]
 
 
+def _run_both_allocators(argv: list[str]) -> int:
+    """``--both_allocators``: this benchmark in two fresh processes (glibc's default, then ``--malloc``), one table."""
+    argv = [a for a in argv if a != "--both_allocators"] + ["--json"]
+    results = {}
+    for name, extra in (("default", []), ("kept", ["--malloc"])):
+        print(f"allocator {name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *extra], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            print(f"the {name} run failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if results["default"]["references"] != results["kept"]["references"]:
+        print("the two runs' plain labels differ; their label columns are not comparable", file=sys.stderr)
+        return 1
+    released: dict[tuple[int, ...], float] = {}
+    print(
+        "\nSliding window, the same rows in two processes: glibc's default allocator, then glibc keeping freed memory "
+        f"(--malloc); load average {os.getloadavg()[0]:.2f}\n"
+    )
+    print(
+        "| volume | allocator | blend | sw_batch | network | s/volume (wall) | CPU s | speed-up vs plain (same "
+        "allocator, blend, batch) | vs released (default allocator, plain, uniform, 1) | labels = released |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("default", "kept"):
+        for shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ in results[name]["rows"]:
+            released.setdefault(tuple(shape), wall)  # the default run's first row of each volume comes first
+            print(
+                f"| {'x'.join(map(str, shape))} | {name} | {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} "
+                f"| {speed[0]:.2f}x | {released[tuple(shape)] / wall:.2f}x | {agreement:.6%} ({differ} differ) |"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -87,7 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (bench_train's +thp)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto. Default cpu")
     parser.add_argument("--amp", action="store_true", help="add a fast+amp row (bf16/fp16 autocast)")
+    parser.add_argument(
+        "--both_allocators",
+        action="store_true",
+        help="run every row twice, in two fresh processes: glibc's default, then --malloc; one table, speed-ups "
+        "against the default plain path (the released way)",
+    )
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # rows as JSON (--both_allocators)
     args = parser.parse_args(argv)
+    if args.both_allocators:
+        if args.malloc or args.thp:
+            parser.error("--both_allocators sets the allocator itself; drop --malloc / --thp")
+        return _run_both_allocators(list(sys.argv[1:] if argv is None else argv))
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
     if args.malloc and not keep_freed_memory():
@@ -117,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = ["plain", "fast"] + (["fast+amp"] if args.amp else [])
     shapes = [tuple(args.shapes[i : i + 3]) for i in range(0, len(args.shapes), 3)]
     rows = []
+    reference_digests: list[str] = []
     for shape in shapes:
         volume = make_volume(shape)
 
@@ -140,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu, labels = _time(lambda b=blend, n=sw_batch, f=path: run(b, n, f), args.repeats)
                     if reference is None:  # plain, uniform, first batch size: the released algorithm
                         reference, released_time = labels, wall
+                        reference_digests.append(hashlib.sha1(np.ascontiguousarray(reference).tobytes()).hexdigest())
                     if not fast:
                         plain_time[(blend, sw_batch)] = wall
                     agreement = float((labels == reference).mean())
@@ -163,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
 
+    if args.json:
+        print(json.dumps({"references": reference_digests, "rows": rows}))
+        return 0
     print(
         f"\nSliding window, patch {args.patch}^3, stride {args.stride}, "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "

@@ -42,3 +42,18 @@ def test_profile_variant_names() -> None:
     for bad in ("fp16/plain/released/0", "bf16/plain/released/x", "bf16/fast/lowmem/2/compile", "bf16/plain/other/2"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_infer_bench_with_both_allocators_prints_one_table_against_the_default_plain_path(capsys) -> None:
+    import bench_infer
+
+    args = ["--shapes", "32", "32", "32", "--patch", "32", "--stride", "16", "--sw_batch", "1", "--blends", "uniform"]
+    assert bench_infer.main([*args, "--both_allocators"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 32x32x32")]
+    assert [(r[1].strip(), r[4].strip()) for r in rows] == [
+        ("default", "plain"), ("default", "fast"), ("kept", "plain"), ("kept", "fast")
+    ]
+    assert rows[0][8].strip() == "1.00x"  # the reference: default allocator, plain, uniform, one window
+    assert rows[2][9].strip() == "100.000000% (0 differ)"  # kept memory alone: the plain labels, bit for bit
+    with pytest.raises(SystemExit):
+        bench_infer.main([*args, "--both_allocators", "--malloc"])  # the two allocator options exclude each other
