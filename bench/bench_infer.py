@@ -73,6 +73,24 @@ def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
     return statistics.median(walls), statistics.median(cpus), out  # type: ignore[return-value]
 
 
+def _print_table(rows: list, allocators: list[str] | None = None) -> None:
+    """The Markdown table of the timed rows; with ``allocators``, a column naming each row's allocator."""
+    allocator_column = "| allocator " if allocators else ""
+    same = "same allocator, blend, batch" if allocators else "same blend, batch"
+    released = "default allocator, plain, uniform, 1" if allocators else "plain, uniform, 1"
+    print(
+        f"| volume {allocator_column}| blend | sw_batch | network | s/volume (wall) | CPU s | speed-up vs plain ({same}) "
+        f"| vs released ({released}) | labels = released |"
+    )
+    print("|---" * (10 if allocators else 9) + "|")
+    for i, (shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ) in enumerate(rows):
+        allocator = f"| {allocators[i]} " if allocators else ""
+        print(
+            f"| {'x'.join(map(str, shape))} {allocator}| {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} "
+            f"| {speed[0]:.2f}x | {speed[1]:.2f}x | {agreement:.6%} ({differ} differ) |"
+        )
+
+
 def _run_both_allocators(argv: list[str]) -> int:
     """``--both_allocators``: this benchmark in two fresh processes (glibc's default, then ``--malloc``), one table."""
     argv = [a for a in argv if a != "--both_allocators"] + ["--json"]
@@ -89,22 +107,16 @@ def _run_both_allocators(argv: list[str]) -> int:
         print("the two runs' plain labels differ; their label columns are not comparable", file=sys.stderr)
         return 1
     released: dict[tuple[int, ...], float] = {}
-    print(
-        "\nSliding window, the same rows in two processes: glibc's default allocator, then glibc keeping freed memory "
-        f"(--malloc); load average {os.getloadavg()[0]:.2f}\n"
-    )
-    print(
-        "| volume | allocator | blend | sw_batch | network | s/volume (wall) | CPU s | speed-up vs plain (same "
-        "allocator, blend, batch) | vs released (default allocator, plain, uniform, 1) | labels = released |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows, allocators = [], []
     for name in ("default", "kept"):
         for shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ in results[name]["rows"]:
             released.setdefault(tuple(shape), wall)  # the default run's first row of each volume comes first
-            print(
-                f"| {'x'.join(map(str, shape))} | {name} | {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} "
-                f"| {speed[0]:.2f}x | {released[tuple(shape)] / wall:.2f}x | {agreement:.6%} ({differ} differ) |"
-            )
+            speed = (speed[0], released[tuple(shape)] / wall)
+            rows.append((shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ))
+            allocators.append(name)
+    print(f"\n{results['default']['title']}; every row with glibc's default allocator, then in a second process with "
+          "glibc keeping freed memory (--malloc)\n")
+    _print_table(rows, allocators)
     return 0
 
 
@@ -217,26 +229,18 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
 
-    if args.json:
-        print(json.dumps({"references": reference_digests, "rows": rows}))
-        return 0
-    print(
-        f"\nSliding window, patch {args.patch}^3, stride {args.stride}, "
+    title = (
+        f"Sliding window, patch {args.patch}^3, stride {args.stride}, "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
         f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights (seed 0)'}"
         f"{', malloc keeps freed memory' if args.malloc else ''}{', THP allocations' if args.thp else ''}; "
-        f"load average {os.getloadavg()[0]:.2f}\n"
+        f"load average {os.getloadavg()[0]:.2f}"
     )
-    print(
-        "| volume | blend | sw_batch | network | s/volume (wall) | CPU s | speed-up vs plain (same blend, batch) "
-        "| vs released (plain, uniform, 1) | labels = released |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ in rows:
-        print(
-            f"| {'x'.join(map(str, shape))} | {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} | {speed[0]:.2f}x "
-            f"| {speed[1]:.2f}x | {agreement:.6%} ({differ} differ) |"
-        )
+    if args.json:
+        print(json.dumps({"title": title, "references": reference_digests, "rows": rows}))
+        return 0
+    print(f"\n{title}\n")
+    _print_table(rows)
     return 0
 
 

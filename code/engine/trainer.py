@@ -67,7 +67,7 @@ from methods.base import Batch, Method
 from networks.net_factory_3d import net_factory_3d
 from networks.outputs import segmentation_logits
 from networks.unet_3D import set_fused_norm, to_channels_last
-from utils.allocator import keep_freed_memory_on_cpu
+from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
@@ -504,7 +504,7 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
         if cfg.compile:
             check_compile_support(device)
         if device.type == "cpu" and cfg.keep_freed_memory:
-            kept = keep_freed_memory_on_cpu(device.type)  # before the large allocations; process-wide
+            kept = keep_freed_memory()  # before the large allocations; process-wide, speed and memory only
             logger.info("glibc keeps freed memory for reuse: %s", "yes" if kept else "not available here")
         if info.is_distributed:
             logger.info("data-parallel: %d processes, %d patches per iteration in all",

@@ -5,9 +5,10 @@ By default glibc serves each large block (every activation of a 3-D U-Net is ten
 again: ~40 % of a released-like CPU iteration is spent there. Raising the ``mmap`` threshold and the trim threshold
 makes such blocks come from the heap and stay there for the next iteration. Measured with ``bench/bench_train.py``
 (2-core machine, 96^3, batch 4, T 8, fast network, 3 iterations): 47.5 s -> 36.4 s per iteration, identical losses,
-peak RSS 3.8 -> 5.8 GB (heap fragmentation: the heap still grows in the second iteration, then levels off). Sliding-window inference gains
-as much: a 144x176x144 volume in 10.5 s instead of 15.5 s (plain network, one window per pass; 7.9 s instead of 9.9 s
-with the fast network and 4), identical labels, peak RSS +0.1 / +0.4 GiB. The setting is process-wide, affects speed and memory only, and applies to glibc on Linux.
+peak RSS 3.8 -> 5.8 GB (heap fragmentation: the heap still grows in the second iteration, then levels off).
+Sliding-window inference gains as much: a 144x176x144 volume in 10.5 s instead of 15.5 s (plain network, one window
+per pass; 7.9 s instead of 9.9 s with the fast network and 4), identical labels, peak RSS +0.1 / +0.4 GiB. The
+setting is process-wide, affects speed and memory only, and applies to glibc on Linux.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
 def keep_freed_memory_on_cpu(device_type: str, enabled: bool = True) -> bool:
     """:func:`keep_freed_memory` for a run on ``device_type`` if ``enabled`` and that is ``"cpu"``; True if set.
 
-    The command-line scripts call this once, after choosing their device (``--keep_freed_memory``, on by default):
-    on a GPU the large tensors do not live in glibc's heap, so nothing is changed there.
+    ``test_3D_dt.py`` and ``predict.py`` call this once, after choosing their device (``--keep_freed_memory``, on by
+    default): on a GPU the large tensors do not live in glibc's heap, so nothing is changed there.
     """
     return device_type == "cpu" and enabled and keep_freed_memory()
