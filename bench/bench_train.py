@@ -23,6 +23,10 @@ after the other:
 ``+malloc``         glibc ``mallopt`` keeps freed memory for reuse instead of unmapping it (a process-wide
                     setting, ``utils.allocator.keep_freed_memory``, on by default when training on CPU,
                     ``--keep_freed_memory``): almost no page faults, higher peak RSS
+``+malloc_teacher`` instead of ``+malloc``: glibc keeps freed memory only while the teacher's passes run and
+                    gives it back before the student's forward (``utils.allocator.keeping_freed_memory``,
+                    ``--keep_freed_memory 2``): the repeated passes stop page-faulting, the peak RSS stays
+                    that of ``+channels_last``
 ``+thp``            instead of ``+malloc``: ``THP_MEM_ALLOC_ENABLE=1`` (torch's own switch, read at its first
                     allocation) backs large tensors with 2 MB transparent huge pages: 512x fewer page faults
 ``+cudnn_benchmark`` (CUDA) instead of ``+malloc``: ``torch.backends.cudnn.benchmark``, cuDNN times its
@@ -58,7 +62,7 @@ from typing import Any
 CODE = Path(__file__).resolve().parents[1] / "code"
 sys.path.insert(0, str(CODE))
 
-from utils.allocator import keep_freed_memory  # noqa: E402
+from utils.allocator import keep_freed_memory, keeping_freed_memory  # noqa: E402
 
 CONFIGS: dict[str, dict[str, bool]] = {
     "baseline": {},
@@ -66,6 +70,7 @@ CONFIGS: dict[str, dict[str, bool]] = {
     "+fused_norm": {"low_memory": True, "fused_norm": True},
     "+channels_last": {"low_memory": True, "fused_norm": True, "channels_last": True},
     "+malloc": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc": True},
+    "+malloc_teacher": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc_teacher": True},
     "+thp": {"low_memory": True, "fused_norm": True, "channels_last": True, "thp": True},
     "+cudnn_benchmark": {"low_memory": True, "fused_norm": True, "channels_last": True, "cudnn_benchmark": True},
     "+bf16": {"low_memory": True, "fused_norm": True, "channels_last": True, "cudnn_benchmark": True, "amp": True},
@@ -149,6 +154,8 @@ def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
         to_channels_last(student)
     student.train()
     method = UGMCL(student, cfg, low_memory=bool(opts.get("low_memory")))
+    if opts.get("malloc_teacher"):
+        method.around_teacher_passes = keeping_freed_memory
     optimizer = torch.optim.SGD(
         student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

@@ -25,6 +25,7 @@ RNG states are saved, so resuming with the same N is exact as well. Without torc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -63,11 +64,11 @@ from engine.distributed import (
 )
 from engine.validation import validate
 from methods import METHODS
-from methods.base import Batch, Method
+from methods.base import Batch, EMATeacherMethod, Method
 from networks.net_factory_3d import net_factory_3d
 from networks.outputs import segmentation_logits
 from networks.unet_3D import set_fused_norm, to_channels_last
-from utils.allocator import keep_freed_memory
+from utils.allocator import keep_freed_memory, keeping_freed_memory
 from utils.atomic import atomic_torch_save, atomic_write_text
 from utils.seeding import seed_everything, set_deterministic
 
@@ -117,6 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--max_iterations must be positive, got {cfg.max_iterations}")
     if cfg.variant not in ("released", "paper"):
         raise TrainingError(f"--variant must be 'released' or 'paper', got {cfg.variant!r}")
+    if cfg.keep_freed_memory not in (0, 1, 2):
+        raise TrainingError(f"--keep_freed_memory must be 0, 1 or 2, got {cfg.keep_freed_memory!r}")
     if cfg.compile and cfg.fast_network:
         raise TrainingError(
             "--compile 1 and --fast_network do not go together: the fused network's own autograd steps do not "
@@ -503,9 +506,11 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
         logger.info("device: %s", device)
         if cfg.compile:
             check_compile_support(device)
-        if device.type == "cpu" and cfg.keep_freed_memory:
+        if device.type == "cpu" and cfg.keep_freed_memory == 1:
             kept = keep_freed_memory()  # before the large allocations; process-wide, speed and memory only
             logger.info("glibc keeps freed memory for reuse: %s", "yes" if kept else "not available here")
+        elif device.type == "cpu" and cfg.keep_freed_memory == 2:
+            logger.info("glibc keeps freed memory for reuse during the teacher's passes and the validations")
         if info.is_distributed:
             logger.info("data-parallel: %d processes, %d patches per iteration in all",
                         info.world_size, info.world_size * cfg.batch_size)
@@ -524,6 +529,10 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
     # DDP (averages the gradients) with several processes, else the student itself
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
     method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
+    # --keep_freed_memory 2 (CPU): glibc keeps freed memory during the teacher's passes and the validations only
+    keep_some = device.type == "cpu" and cfg.keep_freed_memory == 2
+    if keep_some and isinstance(method, EMATeacherMethod):
+        method.around_teacher_passes = keeping_freed_memory
     if cfg.compile:
         compile_forwards(student, method)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -588,7 +597,8 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
 
             if val_cases and (iteration % cfg.val_interval == 0 or iteration == cfg.max_iterations):
                 if main:
-                    metrics = validate(student, cfg, device)
+                    with keeping_freed_memory() if keep_some else contextlib.nullcontext():
+                        metrics = validate(student, cfg, device)
                     student.train()
                     writer.add_scalar("val/dice", metrics["dice"], iteration)  # type: ignore[union-attr]
                     writer.add_scalar("val/hd95", metrics["hd95"], iteration)  # type: ignore[union-attr]

@@ -9,6 +9,9 @@ A method owns its loss (and a teacher, if it has one). The loop calls, per itera
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,11 @@ class EMATeacherMethod(Method):
         student: the network being trained.
         cfg: the training configuration; reads ``ema_decay``, ``noise_std`` and ``noise_clip``.
         generator: optional RNG for the teacher's input noise (default: the global RNG).
+
+    Attributes:
+        around_teacher_passes: called with no arguments for a context manager that each step enters around its
+            teacher's no-grad passes. Default ``contextlib.nullcontext``; the trainer sets
+            ``utils.allocator.keeping_freed_memory`` on CPU with ``--keep_freed_memory 2``.
     """
 
     def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
@@ -91,6 +99,7 @@ class EMATeacherMethod(Method):
         self.generator = generator
         self.teacher = create_ema_teacher(student)
         self.teacher.train()
+        self.around_teacher_passes: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     def _noisy(self, image: Tensor) -> Tensor:
         """x + clamp(sigma * N(0, 1), -c, c)."""

@@ -114,7 +114,7 @@ class MeanTeacher(EMATeacherMethod):
         self._prepare_teacher(batch.image)
         sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
         student_logits = segmentation_logits(self.student(batch.image), self.name)
-        with torch.no_grad():
+        with self.around_teacher_passes(), torch.no_grad():
             teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
         terms = mean_teacher_objective(
             student_logits,

@@ -119,18 +119,19 @@ class UAMT(MeanTeacher):
         self._prepare_teacher(batch.image)
         sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
         student_logits = segmentation_logits(self.student(batch.image), self.name)
-        with torch.no_grad():
-            teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
-        uncertainty, _ = mc_dropout_uncertainty(
-            self.teacher,
-            batch.image[sel],
-            passes=cfg.mc_passes,
-            noise_std=cfg.noise_std,
-            noise_clip=cfg.noise_clip,
-            chunk=cfg.mc_chunk,
-            generator=self.generator,
-            logits_fn=lambda output: segmentation_logits(output, self.name),
-        )
+        with self.around_teacher_passes():
+            with torch.no_grad():
+                teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
+            uncertainty, _ = mc_dropout_uncertainty(
+                self.teacher,
+                batch.image[sel],
+                passes=cfg.mc_passes,
+                noise_std=cfg.noise_std,
+                noise_clip=cfg.noise_clip,
+                chunk=cfg.mc_chunk,
+                generator=self.generator,
+                logits_fn=lambda output: segmentation_logits(output, self.name),
+            )
         terms = uamt_objective(
             student_logits,
             teacher_logits,

@@ -300,22 +300,23 @@ class UGMCL(EMATeacherMethod):
     def _teacher_targets(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher's ``(dis, logits)`` on one noisy pass, then the uncertainty U of its T noisy passes."""
         cfg = self.cfg
-        with torch.no_grad():
-            noisy = self._noisy(image)
-            draw_masks = getattr(self.teacher, "draw_dropout_masks", None)
-            if self.low_memory and callable(draw_masks):
-                draw_masks(noisy.shape, device=noisy.device)  # the masks F.dropout would draw, drawn faster on CPU
-            teacher_dis, teacher_logits = _dual_output(self.teacher(noisy), "teacher")
-        uncertainty, _ = mc_dropout_uncertainty(
-            self.teacher,
-            image,
-            passes=cfg.mc_passes,
-            noise_std=cfg.noise_std,
-            noise_clip=cfg.noise_clip,
-            chunk=cfg.mc_chunk,
-            generator=self.generator,
-            max_rows=image.shape[0] if self.low_memory else 0,
-        )
+        with self.around_teacher_passes():
+            with torch.no_grad():
+                noisy = self._noisy(image)
+                draw_masks = getattr(self.teacher, "draw_dropout_masks", None)
+                if self.low_memory and callable(draw_masks):
+                    draw_masks(noisy.shape, device=noisy.device)  # the masks F.dropout would draw, faster on CPU
+                teacher_dis, teacher_logits = _dual_output(self.teacher(noisy), "teacher")
+            uncertainty, _ = mc_dropout_uncertainty(
+                self.teacher,
+                image,
+                passes=cfg.mc_passes,
+                noise_std=cfg.noise_std,
+                noise_clip=cfg.noise_clip,
+                chunk=cfg.mc_chunk,
+                generator=self.generator,
+                max_rows=image.shape[0] if self.low_memory else 0,
+            )
         return teacher_dis, teacher_logits, uncertainty
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:

@@ -13,13 +13,32 @@ setting is process-wide, affects speed and memory only, and applies to glibc on 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["keep_freed_memory", "keep_freed_memory_on_cpu"]
+__all__ = [
+    "keep_freed_memory",
+    "keep_freed_memory_on_cpu",
+    "keeping_freed_memory",
+    "return_freed_memory",
+]
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_NEVER_TRIM = (1 << 31) - 1
+
+
+def _libc() -> Any:
+    """glibc's ``mallopt`` and ``malloc_trim`` as a ``ctypes`` library, or None where they do not exist."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - raise AttributeError here, not at the first use
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
@@ -33,15 +52,50 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
     """
     if mmap_threshold <= 0:
         raise ValueError(f"mmap_threshold must be positive, got {mmap_threshold}")
-    name = ctypes.util.find_library("c")
+    libc = _libc()
+    if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) != 1:
+        return False
+    return libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+
+
+def return_freed_memory(mmap_threshold: int = 4 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Undo :func:`keep_freed_memory`: give the heap's free memory back now and map large blocks again.
+
+    ``malloc_trim(0)`` returns the free parts of the heap to the system (reusing them faults their pages in again).
+    From then on a block of ``mmap_threshold`` bytes or more that the heap's free space cannot hold gets its own
+    ``mmap``, unmapped when it is freed, and the heap top is trimmed when ``trim_threshold`` bytes of it are free.
+    True if glibc took both thresholds; False where it does not apply (no glibc).
+
+    Args:
+        mmap_threshold: smallest block that gets its own mapping. Default 4 MiB.
+        trim_threshold: free bytes at the heap top that are returned. Default 64 MiB.
+    """
+    if mmap_threshold <= 0 or trim_threshold <= 0:
+        raise ValueError(f"thresholds must be positive, got {mmap_threshold} and {trim_threshold}")
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and libc.mallopt(
+        _M_TRIM_THRESHOLD, int(trim_threshold)
+    ) == 1
+
+
+@contextlib.contextmanager
+def keeping_freed_memory() -> Iterator[bool]:
+    """Keep freed memory (:func:`keep_freed_memory`) inside the block and give it back after it
+    (:func:`return_freed_memory`); yields whether glibc took the setting.
+
+    For work that repeats the same large allocations (the no-grad teacher passes of a training step), followed by
+    work that keeps many blocks alive at once (the student's forward and backward): the first stops page-faulting,
+    and the second does not add to a heap already grown by the first, so the peak RSS stays that of glibc's default.
+    """
+    kept = keep_freed_memory()
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) != 1:
-        return False
-    return mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+        yield kept
+    finally:
+        if kept:
+            return_freed_memory()
 
 
 def keep_freed_memory_on_cpu(device_type: str, enabled: bool = True) -> bool:

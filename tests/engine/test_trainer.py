@@ -163,6 +163,45 @@ def test_keep_freed_memory_is_on_by_default_and_can_be_switched_off(tiny_root: P
     assert "glibc keeps freed memory" not in (tmp_path / "tiny_2" / "unet_3D_dt" / "log.txt").read_text()
 
 
+def test_keep_freed_memory_2_keeps_it_around_the_teacher_passes_and_validations_only(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    import engine.trainer as trainer
+
+    sys.path.insert(0, str(CODE))
+    from train_UGMCL_3D import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["--keep_freed_memory", "2"])).keep_freed_memory == 2
+    events: list[str] = []
+    inside = [False]
+
+    @contextlib.contextmanager
+    def recorder():
+        events.append("kept")
+        inside[0] = True
+        try:
+            yield True
+        finally:
+            inside[0] = False
+
+    real_validate = trainer.validate
+
+    def validate(*args, **kwargs):
+        events.append("validation inside" if inside[0] else "validation outside")
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "keeping_freed_memory", recorder)
+    monkeypatch.setattr(trainer, "validate", validate)
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: pytest.fail("mode 2 must not keep freed memory for good"))
+    train(tiny_config(tiny_root, max_iterations=2, val_interval=2, keep_freed_memory=2), model_dir=tmp_path,
+          progress=False)
+    assert events == ["kept", "kept", "kept", "validation inside"]  # two steps' teacher passes, the validation
+    with pytest.raises(trainer.TrainingError, match="--keep_freed_memory must be 0, 1 or 2, got 3"):
+        train(tiny_config(tiny_root, keep_freed_memory=3), model_dir=tmp_path, progress=False)
+
+
 @pytest.mark.parametrize("low_memory", [0, 1])
 def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
     tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, low_memory: int
