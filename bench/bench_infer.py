@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.allocator import keep_freed_memory  # noqa: E402
+from utils.device import check_device_argument  # noqa: E402
 
 
 def make_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:
@@ -148,16 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # rows as JSON (--both_allocators)
     args = parser.parse_args(argv)
-    if args.both_allocators:
-        if args.malloc or args.thp:
-            parser.error("--both_allocators sets the allocator itself; drop --malloc / --thp")
-        return _run_both_allocators(list(sys.argv[1:] if argv is None else argv))
+    if args.both_allocators and (args.malloc or args.thp):
+        parser.error("--both_allocators sets the allocator itself; drop --malloc / --thp")
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
-    if args.malloc and not keep_freed_memory():
-        print("mallopt is not available here; --malloc ignored", file=sys.stderr)
     if args.thp:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first allocation
+    check_device_argument(parser, args.device)
+    if args.both_allocators:
+        return _run_both_allocators(list(sys.argv[1:] if argv is None else argv))
+    if args.malloc and not keep_freed_memory():
+        print("mallopt is not available here; --malloc ignored", file=sys.stderr)
 
     import torch
 

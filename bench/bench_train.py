@@ -258,6 +258,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--iters and --rounds must be >= 1, --warmup >= 0; got {args.iters}, {args.rounds}, {args.warmup}"
         )
+    if not args.worker:
+        from utils.device import check_device_argument
+
+        check_device_argument(parser, args.device)
     return args
 
 

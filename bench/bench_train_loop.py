@@ -48,6 +48,8 @@ sys.path.insert(0, str(CODE))  # engine.trainer.logged_losses reads the logs
 
 from bench_train import add_problem_size_arguments  # noqa: E402
 
+from utils.device import check_device_argument  # noqa: E402
+
 SETTINGS: dict[str, list[str]] = {
     "released": ["--deterministic", "1"],
     "fast": ["--deterministic", "0", "--fast_network"],
@@ -134,6 +136,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--iters must be at least --skip + 3, got {args.iters} and {args.skip}")
     if min(args.shape) < args.patch:
         parser.error(f"--shape {args.shape} must be at least --patch {args.patch} on every axis")
+    check_device_argument(parser, args.device)
     return args
 
 

@@ -3,11 +3,13 @@
 #   1. the CUDA tests (pytest -m cuda), 2. the real training loop at the published size and its projected
 #   30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
 #   4. sliding-window inference on CUDA (bench_infer.py).
-# Each step has its own time limit and log; a failing step does not stop the others. Logs go to $OUT (or gpu_out/).
+# Each step has its own time limit and log; a failing step does not stop the others, but the script then exits 1.
+# Logs go to $OUT (or gpu_out/, git-ignored).
 # STEPS picks and orders the steps (default "tests bench_loop bench_train bench_infer"); SETTINGS the loop's settings;
 # TEST_K a pytest -k filter for the CUDA tests.
 # Optional: UGMCL_SHARED=<copy of ../shared> for the golden-value tests; .whl/ with wheels of missing packages.
 set -u
+FAILED=""
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -25,6 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     echo "--- $name: exit $rc after $(($(date +%s) - start)) s"
+    [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
     tail -n "${TAIL:-30}" "$OUT/$name.log"
 }
 
@@ -42,10 +45,14 @@ run_step() {
         --batch 4 --T 8 --iters 5 --warmup 2 --configs baseline +low_memory +fused_norm +channels_last \
         +cudnn_benchmark --amp ;;
     bench_infer) step bench_infer "${T_INFER:-90}" $PY bench/bench_infer.py --device cuda --amp --repeats 3 ;;
-    *) echo "unknown step $1" ;;
+    *) echo "unknown step $1"; FAILED="$FAILED $1" ;;
     esac
 }
 for name in ${STEPS:-tests bench_loop bench_train bench_infer}; do
     run_step "$name"
 done
+if [ -n "$FAILED" ]; then
+    echo "=== done; failed:$FAILED"
+    exit 1
+fi
 echo "=== done"

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import _batch, add_problem_size_arguments, run_iteration  # noqa: E402
 
+from utils.device import check_device_argument  # noqa: E402
+
 DEFAULT_VARIANTS = [
     "fp32/plain/released/2",
     "fp32/fast/released/2",
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in args.variants:
         parse_variant(name)  # fail early on a typo
+    check_device_argument(parser, args.device)
     import torch
 
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)

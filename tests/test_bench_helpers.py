@@ -57,3 +57,19 @@ def test_infer_bench_with_both_allocators_prints_one_table_against_the_default_p
     assert rows[2][9].strip() == "100.000000% (0 differ)"  # kept memory alone: the plain labels, bit for bit
     with pytest.raises(SystemExit):
         bench_infer.main([*args, "--both_allocators", "--malloc"])  # the two allocator options exclude each other
+
+
+@pytest.mark.parametrize("script", ["bench_train", "bench_train_loop", "bench_infer", "profile_train_step"])
+def test_a_missing_cuda_device_is_a_usage_error_not_a_traceback(script, capsys, monkeypatch):
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cuda"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage:") and not any("Traceback" in line for line in err)  # usage, then one error
+    assert err[-1].endswith("error: device 'cuda' requested but CUDA is not available on this machine; use --device cpu")

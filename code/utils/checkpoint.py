@@ -12,6 +12,7 @@ build arbitrary objects (the released code's ``torch.load`` ran any such pickle)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -151,7 +152,7 @@ def download_file(
 
     Args:
         url: ``http://``, ``https://`` or ``file://`` URL; redirects are followed (GitHub's ``raw`` URLs redirect).
-        dest: final path; missing parent folders are created.
+        dest: final path; missing parent folders are created (and removed again if the download fails).
         expected_blob_id: 40-hex git blob id to require (see :func:`git_blob_id`); ``None`` skips the check.
         progress: show a tqdm bar on stderr.
         timeout: seconds to wait for the connection and for each read.
@@ -169,16 +170,23 @@ def download_file(
     if scheme not in ("http", "https", "file"):
         raise ValueError(f"cannot download {url!r}: expected an http://, https:// or file:// URL, found {scheme!r}")
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        size = _fetch(url, tmp, progress=progress, timeout=timeout, desc=dest.name)
-        if expected is not None:
-            found = git_blob_id(tmp)
-            if found != expected:
-                raise CheckpointError(
-                    f"{url}: downloaded {size} bytes with git blob id {found}, expected {expected}; not saved to {dest} "
-                    "(corrupt or partial download, or a different file at this URL)"
-                )
-        _load_plain_state_dict(tmp, source=url)
+    created = [folder for folder in dest.parents if not folder.exists()]  # deepest first
+    try:
+        with atomic_path(dest) as tmp:
+            size = _fetch(url, tmp, progress=progress, timeout=timeout, desc=dest.name)
+            if expected is not None:
+                found = git_blob_id(tmp)
+                if found != expected:
+                    raise CheckpointError(
+                        f"{url}: downloaded {size} bytes with git blob id {found}, expected {expected}; not saved to "
+                        f"{dest} (corrupt or partial download, or a different file at this URL)"
+                    )
+            _load_plain_state_dict(tmp, source=url)
+    except BaseException:
+        for folder in created:  # leave no empty model folders behind a failed download
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return dest
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-__all__ = ["get_device"]
+__all__ = ["check_device_argument", "get_device"]
 
 
 def get_device(name: str | None = "auto") -> torch.device:
@@ -19,3 +21,11 @@ def get_device(name: str | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
     return device
+
+
+def check_device_argument(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """Stop through ``parser.error`` (one line, exit status 2) if :func:`get_device` refuses ``name``."""
+    try:
+        get_device(name)
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a string torch.device cannot parse
+        parser.error(str(err))

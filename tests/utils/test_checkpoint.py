@@ -187,12 +187,13 @@ def test_tampered_download_is_rejected_by_blob_id_and_not_saved(served, tmp_path
 
 def test_http_404_is_a_one_line_error_and_leaves_no_file(served, tmp_path):
     _, base = served
-    dest = tmp_path / "out" / "w.pth"
+    (tmp_path / "model").mkdir()
+    dest = tmp_path / "model" / "exp_25" / "unet_3D_dt" / "w.pth"
     with pytest.raises(CheckpointError, match="HTTP 404") as info:
         download_file(f"{base}/missing.pth", dest, progress=False)
     assert "\n" not in str(info.value)
     assert f"{base}/missing.pth" in str(info.value)
-    assert _files_in(dest.parent) == []
+    assert _files_in(tmp_path / "model") == []  # the folders made for it are gone again, the one that was there stays
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
