@@ -23,10 +23,10 @@ after the other:
 ``+malloc``         glibc ``mallopt`` keeps freed memory for reuse instead of unmapping it (a process-wide
                     setting, ``utils.allocator.keep_freed_memory``, on by default when training on CPU,
                     ``--keep_freed_memory``): almost no page faults, higher peak RSS
-``+malloc_teacher`` instead of ``+malloc``: glibc keeps freed memory only while the teacher's passes run and
-                    gives it back before the student's forward (``utils.allocator.keeping_freed_memory``,
-                    ``--keep_freed_memory 2``): the repeated passes stop page-faulting, the peak RSS stays
-                    that of ``+channels_last``
+``+malloc_teacher`` instead of ``+malloc``: glibc keeps freed memory only while the teacher's passes run; the
+                    student's large blocks are mapped and unmapped again (``utils.allocator.keeping_freed_memory``,
+                    ``--keep_freed_memory 2``, the CPU default of training): the repeated passes stop
+                    page-faulting, the peak RSS stays about that of ``+channels_last``
 ``+thp``            instead of ``+malloc``: ``THP_MEM_ALLOC_ENABLE=1`` (torch's own switch, read at its first
                     allocation) backs large tensors with 2 MB transparent huge pages: 512x fewer page faults
 ``+cudnn_benchmark`` (CUDA) instead of ``+malloc``: ``torch.backends.cudnn.benchmark``, cuDNN times its

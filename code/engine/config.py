@@ -57,8 +57,8 @@ class TrainConfig:
     amp: bool = False
     fast_network: bool = False  # CPU: fused InstanceNorm + ReLU, channels_last_3d (U-Nets): ~1.45x, not bit-exact
     low_memory: int = 1  # UG-MCL: teacher first, B rows per forward (~1/3 the memory; CPU: released losses)
-    keep_freed_memory: int = 1  # CPU, utils.allocator: 1 glibc keeps freed blocks (faster, more RSS); 2 only in
-    # the teacher's passes and validations; 0 glibc default
+    keep_freed_memory: int = 2  # CPU, utils.allocator: glibc keeps freed blocks in the teacher's passes and the
+    # validations (2), always (1: fastest, most RSS) or never (0)
     compile: int = 0  # torch.compile the student's and teacher's forwards (CUDA; the first iterations compile)
     resume: bool = False
     stride_xy: int = 64
