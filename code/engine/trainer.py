@@ -492,6 +492,8 @@ def train(cfg: TrainConfig, model_dir: str | Path = "../model", progress: bool =
 def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, stop_after: int | None) -> dict[str, Any]:
     """The body of :func:`train` for one process (rank ``info.rank`` of ``info.world_size``)."""
     device, main = info.device, info.is_main
+    # --keep_freed_memory 2 (CPU): glibc keeps freed memory during the teacher's passes and the validations only
+    keep_some = device.type == "cpu" and cfg.keep_freed_memory == 2
     out = run_dir(cfg, model_dir)
     latest = out / "checkpoint_latest.pth"
     state: dict[str, Any] | None = None
@@ -509,7 +511,7 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
         if device.type == "cpu" and cfg.keep_freed_memory == 1:
             kept = keep_freed_memory()  # before the large allocations; process-wide, speed and memory only
             logger.info("glibc keeps freed memory for reuse: %s", "yes" if kept else "not available here")
-        elif device.type == "cpu" and cfg.keep_freed_memory == 2:
+        elif keep_some:
             logger.info("glibc keeps freed memory for reuse during the teacher's passes and the validations")
         if info.is_distributed:
             logger.info("data-parallel: %d processes, %d patches per iteration in all",
@@ -529,8 +531,6 @@ def _train(cfg: TrainConfig, info: DistInfo, model_dir: Path, progress: bool, st
     # DDP (averages the gradients) with several processes, else the student itself
     model = wrap_model(student, info, torch.zeros(1, cfg.in_channels, *(min(p, 32) for p in cfg.patch_size), device=device))
     method = METHODS[cfg.method](student, cfg)  # the method keeps the plain student: teacher copy, EMA, state_dict
-    # --keep_freed_memory 2 (CPU): glibc keeps freed memory during the teacher's passes and the validations only
-    keep_some = device.type == "cpu" and cfg.keep_freed_memory == 2
     if keep_some and isinstance(method, EMATeacherMethod):
         method.around_teacher_passes = keeping_freed_memory
     if cfg.compile:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ _M_MMAP_THRESHOLD = -3
 _NEVER_TRIM = (1 << 31) - 1
 
 
+@functools.cache  # find_library runs ldconfig in a subprocess: once per process, not once per training step
 def _libc() -> Any:
     """glibc as a ``ctypes`` library with ``mallopt``, or None where there is none."""
     try:
@@ -42,6 +44,14 @@ def _libc() -> Any:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def _set_mmap_threshold(mmap_threshold: int) -> Any:
+    """glibc after setting its ``mmap`` threshold to ``mmap_threshold`` bytes, or None where it did not take it."""
+    if mmap_threshold <= 0:
+        raise ValueError(f"mmap_threshold must be positive, got {mmap_threshold}")
+    libc = _libc()
+    return libc if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 else None
 
 
 def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
@@ -53,12 +63,8 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
     Args:
         mmap_threshold: blocks this large or larger still get their own ``mmap``. Default 1 GiB.
     """
-    if mmap_threshold <= 0:
-        raise ValueError(f"mmap_threshold must be positive, got {mmap_threshold}")
-    libc = _libc()
-    if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) != 1:
-        return False
-    return libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+    libc = _set_mmap_threshold(mmap_threshold)
+    return libc is not None and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
 
 
 def stop_keeping_freed_memory(mmap_threshold: int = 4 << 20) -> bool:
@@ -71,10 +77,7 @@ def stop_keeping_freed_memory(mmap_threshold: int = 4 << 20) -> bool:
     Args:
         mmap_threshold: smallest block that gets its own mapping. Default 4 MiB.
     """
-    if mmap_threshold <= 0:
-        raise ValueError(f"mmap_threshold must be positive, got {mmap_threshold}")
-    libc = _libc()
-    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+    return _set_mmap_threshold(mmap_threshold) is not None
 
 
 @contextlib.contextmanager
