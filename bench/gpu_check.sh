@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's checks for issue #7, in one go (the device is lent for minutes, so nothing is rerun):
-#   1. the CUDA tests (pytest -m cuda), 2. the real training loop at the published size and its projected
-#   30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
+#   1. the CUDA tests (pytest -m cuda; NCCL in a one-process group), 2. the real training loop at the published
+#   size and its projected 30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
 #   4. sliding-window inference on CUDA (bench_infer.py).
 # Each step has its own time limit and log; a failing step does not stop the others, but the script then exits 1.
 # Logs go to $OUT (or gpu_out/, git-ignored).
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 run_step() {
     case $1 in
     tests) step tests "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
-        tests/test_cuda.py tests/utils/test_sliding_window.py ;;
+        tests/test_cuda.py tests/utils/test_sliding_window.py tests/engine/test_distributed.py ;;
     bench_loop) step bench_loop "${T_LOOP:-330}" $PY bench/bench_train_loop.py --device cuda --patch "${PATCH:-96}" \
         --iters "${LOOP_ITERS:-40}" --skip "${LOOP_SKIP:-10}" --num_workers 6 \
         --settings ${SETTINGS:-released fast+amp gpu_max gpu_max+compile} ;;

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,6 +170,65 @@ def test_two_processes_with_compile_end_like_the_plain_two_process_run(
         a, b = _weights(compiled[rank]), _weights(plain[rank])
         for key in b:
             assert torch.equal(a[key], b[key]), (rank, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# every data-parallel code path in one process: the backend's own collectives (NCCL on a single GPU)
+# ----------------------------------------------------------------------------------------------
+class _OneRankGroup(DistInfo):
+    """Rank 0 of a real one-process group that takes the data-parallel paths (DDP, collectives) as with N ranks.
+
+    NCCL refuses two ranks on one GPU, so on a one-GPU machine this is how the NCCL code runs at all: DDP's
+    gradient all-reduce, the broadcasts, the gathered RNG states and the barriers, each a copy with one rank.
+    """
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_the_data_parallel_paths_in_a_one_process_group_train_like_the_plain_run(
+    device: str, tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+
+    from engine import trainer
+
+    backends: list[str] = []
+
+    def one_rank_group(requested: str) -> DistInfo:
+        assert requested == device
+        where = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if device == "cuda":
+            torch.cuda.set_device(where)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backends.append(dist.get_backend())
+        return _OneRankGroup(0, 1, 0, where, owns_group=True)
+
+    monkeypatch.setenv("UGMCL_DUMP_RANK_STATE", "1")
+    cfg = TrainConfig(root_path=str(tiny_root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
+                      batch_size=2, labeled_bs=1, mc_passes=2, num_workers=0, device=device, val_interval=2,
+                      save_interval=2, stride_xy=16, stride_z=16, threshold_rampup=3, max_iterations=4)
+    trainer.train(cfg, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(trainer, "init_distributed", one_rank_group)
+    trainer.train(cfg, tmp_path / "ddp", progress=False, stop_after=2)  # stop, then resume through the group
+    trainer.train(replace(cfg, resume=True), tmp_path / "ddp", progress=False)
+    assert backends == ["nccl" if device == "cuda" else "gloo"] * 2 and not dist.is_initialized()
+
+    out = tmp_path / "ddp" / "tiny_2" / "unet_3D_dt"
+    log = (out / "log.txt").read_text()
+    assert log.count("data-parallel: 1 processes") == 2 and "resumed from" in log
+    assert "rng_per_rank" not in torch.load(out / "checkpoint_latest.pth", weights_only=True)  # one rank: plain format
+    a, b = (torch.load(tmp_path / run / "tiny_2" / "unet_3D_dt" / "rank0_final.pt", weights_only=True)
+            for run in ("ddp", "plain"))
+    assert a["world_size"] == 1 and a["cases"] == b["cases"][2:]
+    for key, value in _weights(b).items():
+        if device == "cpu":
+            assert torch.equal(_weights(a)[key], value), key
+        else:  # cuDNN and the upsampling's backward add in a varying order on the GPU
+            torch.testing.assert_close(_weights(a)[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------
