@@ -6,6 +6,7 @@ Run from the repository root::
     python bench/bench_infer.py --shapes 128 128 96 --repeats 3
     python bench/bench_infer.py --checkpoint ../model/.../unet_3D_dt_best_model.pth --malloc
     python bench/bench_infer.py --blends uniform --repeats 3 --both_allocators   # default and --malloc, one table
+    python bench/bench_infer.py --h5 ../data/BraTS2019/data/<case>.h5 --checkpoint .../unet_3D_dt_best_model.pth
 
 For each volume shape, every combination of blending (uniform as released, gaussian), windows per forward pass
 (``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
@@ -16,7 +17,8 @@ For each volume shape, every combination of blending (uniform as released, gauss
 
 ``--device cuda`` runs on the GPU (with cuDNN autotuning, after one warm-up per path and batch size).
 
-The volume is a seeded synthetic head: a smooth ellipsoid "brain" with a brighter blob and noise, zero outside.
+The volume is a seeded synthetic head: a smooth ellipsoid "brain" with a brighter blob and noise, zero outside;
+``--h5`` takes preprocessed cases instead (the ``image`` of each ``<case>.h5``, as ``test_3D_dt.py`` reads it).
 The network is ``unet_3D_dt`` with seeded random weights, or ``--checkpoint`` (a plain ``state_dict``). Each row
 gives the median wall and CPU seconds per volume over ``--repeats`` runs (after one warm-up), the speed-up over
 the plain path with the same blending and batch and over the released algorithm (plain, uniform, one window at a
@@ -64,6 +66,20 @@ def make_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return volume
 
 
+def read_h5_image(path: str) -> np.ndarray:
+    """The (D, H, W) float32 ``image`` of a preprocessed ``<case>.h5``; ValueError naming the file otherwise."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            image = np.asarray(h5["image"][()], dtype=np.float32)
+    except (OSError, KeyError) as err:
+        raise ValueError(f"{path}: not a preprocessed case with an 'image' dataset ({err})") from None
+    if image.ndim != 3:
+        raise ValueError(f"{path}: 'image' has shape {image.shape}; this bench takes one channel, (D, H, W)")
+    return image
+
+
 def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
     walls, cpus, out = [], [], None
     for _ in range(repeats):
@@ -84,10 +100,10 @@ def _print_table(rows: list, allocators: list[str] | None = None) -> None:
         f"| vs released ({released}) | labels = released |"
     )
     print("|---" * (10 if allocators else 9) + "|")
-    for i, (shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ) in enumerate(rows):
+    for i, (volume, blend, sw_batch, path, wall, cpu, speed, agreement, differ) in enumerate(rows):
         allocator = f"| {allocators[i]} " if allocators else ""
         print(
-            f"| {'x'.join(map(str, shape))} {allocator}| {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} "
+            f"| {volume} {allocator}| {blend} | {sw_batch} | {path} | {wall:.2f} | {cpu:.2f} "
             f"| {speed[0]:.2f}x | {speed[1]:.2f}x | {agreement:.6%} ({differ} differ) |"
         )
 
@@ -107,13 +123,13 @@ def _run_both_allocators(argv: list[str]) -> int:
     if results["default"]["references"] != results["kept"]["references"]:
         print("the two runs' plain labels differ; their label columns are not comparable", file=sys.stderr)
         return 1
-    released: dict[tuple[int, ...], float] = {}
+    released: dict[str, float] = {}
     rows, allocators = [], []
     for name in ("default", "kept"):
-        for shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ in results[name]["rows"]:
-            released.setdefault(tuple(shape), wall)  # the default run's first row of each volume comes first
-            speed = (speed[0], released[tuple(shape)] / wall)
-            rows.append((shape, blend, sw_batch, path, wall, cpu, speed, agreement, differ))
+        for volume, blend, sw_batch, path, wall, cpu, speed, agreement, differ in results[name]["rows"]:
+            released.setdefault(volume, wall)  # the default run's first row of each volume comes first
+            speed = (speed[0], released[volume] / wall)
+            rows.append((volume, blend, sw_batch, path, wall, cpu, speed, agreement, differ))
             allocators.append(name)
     print(f"\n{results['default']['title']}; every row with glibc's default allocator, then in a second process with "
           "glibc keeping freed memory (--malloc)\n")
@@ -129,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[128, 128, 96, 144, 176, 144],
         help="volume shapes, three ints each. Default 128 128 96 144 176 144",
+    )
+    parser.add_argument(
+        "--h5", nargs="+", default=None, metavar="CASE_H5",
+        help="preprocessed cases (<case>.h5) to predict instead of the synthetic --shapes",
     )
     parser.add_argument("--patch", type=int, default=96, help="cubic patch side. Default 96")
     parser.add_argument("--stride", type=int, default=64, help="stride on all axes. Default 64")
@@ -153,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--both_allocators sets the allocator itself; drop --malloc / --thp")
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
+    volumes: list[tuple[str, np.ndarray]] = []
+    for path in args.h5 or []:
+        try:
+            image = read_h5_image(path)
+        except ValueError as err:
+            parser.error(str(err))
+        volumes.append((f"{Path(path).stem} {'x'.join(map(str, image.shape))}", image))
     if args.thp:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first allocation
     check_device_argument(parser, args.device)
@@ -181,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
 
     net.to(device)
     paths = ["plain", "fast"] + (["fast+amp"] if args.amp else [])
-    shapes = [tuple(args.shapes[i : i + 3]) for i in range(0, len(args.shapes), 3)]
+    if not volumes:
+        for i in range(0, len(args.shapes), 3):
+            shape = tuple(args.shapes[i : i + 3])
+            volumes.append(("x".join(map(str, shape)), make_volume(shape)))
     rows = []
     reference_digests: list[str] = []
-    for shape in shapes:
-        volume = make_volume(shape)
+    for name, volume in volumes:
 
         def run(blend: str, sw_batch: int, path: str, volume: np.ndarray = volume) -> np.ndarray:
             return predict_volume_labels(
@@ -214,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     speed = (plain_time[(blend, sw_batch)] / wall, released_time / wall)
                     rows.append(
                         (
-                            shape,
+                            name,
                             blend,
                             sw_batch,
                             path,
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     print(
-                        f"  {shape} {blend} sw_batch {sw_batch} {path}: {wall:.2f} s",
+                        f"  {name} {blend} sw_batch {sw_batch} {path}: {wall:.2f} s",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -59,6 +59,34 @@ def test_infer_bench_with_both_allocators_prints_one_table_against_the_default_p
         bench_infer.main([*args, "--both_allocators", "--malloc"])  # the two allocator options exclude each other
 
 
+def test_infer_bench_predicts_preprocessed_cases_and_names_a_bad_file(tmp_path: Path, capsys) -> None:
+    import bench_infer
+    import h5py
+    import numpy as np
+
+    from synthetic_h5 import write_synthetic_h5_dataset
+
+    names = write_synthetic_h5_dataset(tmp_path, n_cases=2, shape=(40, 36, 33), seed=0, n_val=0, n_test=0)
+    cases = [str(tmp_path / "data" / f"{name}.h5") for name in names]
+    with h5py.File(cases[0], "r") as h5:
+        assert np.array_equal(bench_infer.read_h5_image(cases[0]), h5["image"][()])
+    args = ["--patch", "32", "--stride", "16", "--sw_batch", "1", "--blends", "uniform"]
+    assert bench_infer.main([*args, "--h5", *cases]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| BraTS19_SYN")]
+    assert [(r[0].strip(), r[3].strip()) for r in rows] == [
+        (f"{names[0]} 40x36x33", "plain"), (f"{names[0]} 40x36x33", "fast"),
+        (f"{names[1]} 40x36x33", "plain"), (f"{names[1]} 40x36x33", "fast"),
+    ]
+    assert rows[0][8].strip() == "100.000000% (0 differ)"
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as h5:
+        h5["label"] = np.zeros((4, 4, 4), dtype=np.uint8)
+    with pytest.raises(SystemExit) as stop:
+        bench_infer.main([*args, "--h5", cases[0], str(bad)])
+    assert stop.value.code == 2
+    assert f"error: {bad}: not a preprocessed case with an 'image' dataset" in capsys.readouterr().err.splitlines()[-1]
+
+
 @pytest.mark.parametrize("script", ["bench_train", "bench_train_loop", "bench_infer", "profile_train_step"])
 def test_a_missing_cuda_device_is_a_usage_error_not_a_traceback(script, capsys, monkeypatch):
     import importlib

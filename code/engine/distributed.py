@@ -147,7 +147,7 @@ def cleanup(info: DistInfo, synchronize: bool = True) -> None:
     """
     if info.owns_group and dist.is_initialized():
         if synchronize:
-            dist.barrier()
+            barrier(info)  # with NCCL on this process's GPU (a bare dist.barrier() guesses the device and warns)
         dist.destroy_process_group()
 
 
