@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session's checks for issue #7, in one go (the device is lent for minutes, so nothing is rerun):
 #   1. the CUDA tests (pytest -m cuda; NCCL in a one-process group), 2. the real training loop at the published
-#   size and its projected 30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA (bench_train.py),
-#   4. sliding-window inference on CUDA (bench_infer.py).
+#   size and its projected 30k-iteration time (bench_train_loop.py), 3. one UG-MCL step per optimisation on CUDA
+#   (bench_train.py), 4. sliding-window inference on CUDA (bench_infer.py).
 # Each step has its own time limit and log; a failing step does not stop the others, but the script then exits 1.
 # Logs go to $OUT (or gpu_out/, git-ignored).
 # STEPS picks and orders the steps (default "tests bench_loop bench_train bench_infer"); SETTINGS the loop's settings;
