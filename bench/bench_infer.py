@@ -7,6 +7,7 @@ Run from the repository root::
     python bench/bench_infer.py --checkpoint ../model/.../unet_3D_dt_best_model.pth --malloc
     python bench/bench_infer.py --blends uniform --repeats 3 --both_allocators   # default and --malloc, one table
     python bench/bench_infer.py --h5 ../data/BraTS2019/data/<case>.h5 --checkpoint .../unet_3D_dt_best_model.pth
+    python bench/bench_infer.py --blends uniform --original_code ../UG-MCL/code   # and the released code itself
 
 For each volume shape, every combination of blending (uniform as released, gaussian), windows per forward pass
 (``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
@@ -27,6 +28,12 @@ allocator settings of ``bench_train.py``'s ``+malloc`` / ``+thp`` rows to the wh
 every row with glibc's default and then with ``--malloc``, in two fresh processes, and prints one table whose
 speed-ups are against the default allocator's plain path. A random network leaves many voxels at
 probability ~0.5, where float rounding can flip a label; a trained one far fewer.
+
+``--original_code DIR`` (the released repository's ``code/`` folder) also times the released code itself on the same
+volumes and weights: its ``test_3D_util.test_single_case`` (one window at a time, uniform averaging), in a fresh
+process started through ``bench/run_original_code.py`` (glibc's default allocator; with ``--both_allocators``, in
+the default run only). Its row is named ``original``; its label column compares it with our plain path, and a line
+under the table gives the fastest row's speed-up over it.
 """
 
 from __future__ import annotations
@@ -80,6 +87,84 @@ def read_h5_image(path: str) -> np.ndarray:
     return image
 
 
+# Written next to the volumes and run in the released code/ folder by run_original_code.py (``--original_code``).
+_ORIGINAL_DRIVER = """
+import json, statistics, sys, time
+import numpy as np
+import torch
+from networks.net_factory_3d import net_factory_3d
+from test_3D_util import test_single_case
+
+spec = json.load(open(sys.argv[1]))
+net = net_factory_3d(net_type="unet_3D_dt", in_chns=1, class_num=2)
+net.load_state_dict(torch.load(spec["weights"], map_location="cpu"))  # copied to the net's device
+net.eval()
+patch, stride, results = [spec["patch"]] * 3, spec["stride"], []
+for path in spec["volumes"]:
+    image = np.load(path)
+    test_single_case(net, image, stride, stride, patch, num_classes=2)  # warm-up, as for the other rows
+    walls, cpus = [], []
+    for _ in range(spec["repeats"]):
+        wall, cpu = time.perf_counter(), time.process_time()
+        labels = test_single_case(net, image, stride, stride, patch, num_classes=2)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    np.save(path + ".labels.npy", labels.astype(np.uint8))
+    results.append({"wall": statistics.median(walls), "cpu": statistics.median(cpus)})
+json.dump(results, open(spec["out"], "w"))
+"""
+
+
+def time_original_code(
+    code_dir: Path, state_dict: dict, volumes: list[np.ndarray], patch: int, stride: int, repeats: int
+) -> list[tuple[float, float, np.ndarray]]:
+    """``(wall, cpu, labels)`` per volume of the released ``test_single_case`` (median of ``repeats`` after a warm-up).
+
+    Runs in a fresh process in ``code_dir`` (its packages share our package names), through
+    ``run_original_code.py``. Raises RuntimeError with the end of its stderr if it fails.
+    """
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="bench_infer_original_") as tmp:
+        work = Path(tmp)
+        paths = []
+        for i, volume in enumerate(volumes):
+            paths.append(str(work / f"volume{i}.npy"))
+            np.save(paths[-1], volume)
+        torch.save(state_dict, work / "weights.pth")
+        (work / "driver.py").write_text(_ORIGINAL_DRIVER)
+        spec = {"weights": str(work / "weights.pth"), "volumes": paths, "patch": patch, "stride": stride,
+                "repeats": repeats, "out": str(work / "times.json")}
+        (work / "spec.json").write_text(json.dumps(spec))
+        launcher = Path(__file__).resolve().parent / "run_original_code.py"
+        proc = subprocess.run([sys.executable, str(launcher), str(work / "driver.py"), str(work / "spec.json")],
+                              cwd=code_dir, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the released code failed:\n{proc.stderr[-3000:]}")
+        times = json.loads((work / "times.json").read_text())
+        return [(t["wall"], t["cpu"], np.load(p + ".labels.npy")) for t, p in zip(times, paths)]
+
+
+def original_code_summary(rows: list, allocators: list[str] | None = None) -> list[str]:
+    """One line per volume with an ``original`` row: the fastest other row's speed-up over the released code."""
+    lines = []
+    for volume in dict.fromkeys(row[0] for row in rows):
+        mine = [(i, row) for i, row in enumerate(rows) if row[0] == volume]
+        original = next((row for _, row in mine if row[3] == "original"), None)
+        if original is None:
+            continue
+        i, best = min(((i, row) for i, row in mine if row[3] != "original"), key=lambda item: item[1][4])
+        where = f", {allocators[i]} allocator" if allocators else ""
+        lines.append(
+            f"{volume}: the released code {original[4]:.2f} s; fastest here {best[3]}, {best[2]} windows{where}, "
+            f"{best[4]:.2f} s: {original[4] / best[4]:.2f}x faster than the released code, whose labels differ "
+            f"from our plain path's on {original[8]} voxels"
+        )
+    return lines
+
+
 def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
     walls, cpus, out = [], [], None
     for _ in range(repeats):
@@ -112,10 +197,14 @@ def _run_both_allocators(argv: list[str]) -> int:
     """``--both_allocators``: this benchmark in two fresh processes (glibc's default, then ``--malloc``), one table."""
     argv = [a for a in argv if a != "--both_allocators"] + ["--json"]
     results = {}
-    for name, extra in (("default", []), ("kept", ["--malloc"])):
+    without_original = list(argv)
+    if "--original_code" in argv:  # the released code runs once, in the default allocator's run
+        i = argv.index("--original_code")
+        del without_original[i : i + 2]
+    for name, run_argv, extra in (("default", argv, []), ("kept", without_original, ["--malloc"])):
         print(f"allocator {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *extra], capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *run_argv, *extra],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"the {name} run failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
@@ -134,6 +223,8 @@ def _run_both_allocators(argv: list[str]) -> int:
     print(f"\n{results['default']['title']}; every row with glibc's default allocator, then in a second process with "
           "glibc keeping freed memory (--malloc)\n")
     _print_table(rows, allocators)
+    for line in original_code_summary(rows, allocators):
+        print(f"\n{line}")
     return 0
 
 
@@ -167,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run every row twice, in two fresh processes: glibc's default, then --malloc; one table, speed-ups "
         "against the default plain path (the released way)",
     )
+    parser.add_argument("--original_code", type=Path, default=None,
+                        help="the released repository's code/ folder: also time its test_single_case")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # rows as JSON (--both_allocators)
     args = parser.parse_args(argv)
     if args.both_allocators and (args.malloc or args.thp):
         parser.error("--both_allocators sets the allocator itself; drop --malloc / --thp")
+    if args.original_code is not None and not (args.original_code / "test_3D_util.py").is_file():
+        parser.error(f"--original_code {args.original_code}: no test_3D_util.py there")
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes three ints per volume, got {len(args.shapes)} ints")
     volumes: list[tuple[str, np.ndarray]] = []
@@ -214,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             volumes.append(("x".join(map(str, shape)), make_volume(shape)))
     rows = []
     reference_digests: list[str] = []
+    references: list[np.ndarray] = []
+    released_times: list[float] = []
     for name, volume in volumes:
 
         def run(blend: str, sw_batch: int, path: str, volume: np.ndarray = volume) -> np.ndarray:
@@ -236,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu, labels = _time(lambda b=blend, n=sw_batch, f=path: run(b, n, f), args.repeats)
                     if reference is None:  # plain, uniform, first batch size: the released algorithm
                         reference, released_time = labels, wall
+                        references.append(reference)
+                        released_times.append(wall)
                         reference_digests.append(hashlib.sha1(np.ascontiguousarray(reference).tobytes()).hexdigest())
                     if not fast:
                         plain_time[(blend, sw_batch)] = wall
@@ -259,6 +358,23 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+    if args.original_code is not None:
+        print("  the released code ...", file=sys.stderr, flush=True)
+        state = {key: value.detach().cpu() for key, value in net.state_dict().items()}
+        try:
+            timed = time_original_code(
+                args.original_code, state, [v for _, v in volumes], args.patch, args.stride, args.repeats
+            )
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
+        grouped = []  # each volume's rows, then its "original" row
+        for (name, _), reference, released, (wall, cpu, labels) in zip(volumes, references, released_times, timed):
+            grouped += [row for row in rows if row[0] == name]
+            speed = (released / wall, released / wall)
+            agreement, differ = float((labels == reference).mean()), int((labels != reference).sum())
+            grouped.append((name, "uniform", 1, "original", wall, cpu, speed, agreement, differ))
+        rows = grouped
 
     title = (
         f"Sliding window, patch {args.patch}^3, stride {args.stride}, "
@@ -272,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"\n{title}\n")
     _print_table(rows)
+    for line in original_code_summary(rows):
+        print(f"\n{line}")
     return 0
 
 

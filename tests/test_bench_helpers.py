@@ -32,6 +32,8 @@ def test_loop_log_gives_gaps_across_midnight_and_the_last_loss(tmp_path: Path) -
         seconds_per_iteration(times, skip=3)
     log.write_text("[00:00:00.000] config: {}\n")
     assert last_loss(log) != last_loss(log)  # NaN when no iteration was logged
+    log.write_text("[10:00:00.000] iteration 7 : loss : 0.812500, loss_ce: 0.5, loss_dice: 0.25\n")
+    assert last_loss(log) == 0.8125  # the released script's log line
 
 
 def test_profile_variant_names() -> None:

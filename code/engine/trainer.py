@@ -369,11 +369,14 @@ def _setup_logging(out: Path | None) -> None:
     logger.addHandler(file_handler)
 
 
-_LOGGED_LOSS = re.compile(r"\] iteration \d+ : loss ([^,\s]+)")
+_LOGGED_LOSS = re.compile(r"\] iteration \d+ : loss :? ?([^,\s]+)")  # ours, or the released "loss : X"
 
 
 def logged_losses(log_text: str) -> list[float]:
-    """The per-iteration losses of a run's ``log.txt`` (its ``iteration N : loss ...`` lines), in order."""
+    """The per-iteration losses of a run's ``log.txt`` (its ``iteration N : loss ...`` lines), in order.
+
+    Also reads the released code's logs, whose lines say ``iteration N : loss : X, ...``.
+    """
     return [float(m.group(1)) for m in map(_LOGGED_LOSS.search, log_text.splitlines()) if m]
 
 
