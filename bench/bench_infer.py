@@ -193,14 +193,24 @@ def _print_table(rows: list, allocators: list[str] | None = None) -> None:
         )
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` or ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def _run_both_allocators(argv: list[str]) -> int:
     """``--both_allocators``: this benchmark in two fresh processes (glibc's default, then ``--malloc``), one table."""
     argv = [a for a in argv if a != "--both_allocators"] + ["--json"]
     results = {}
-    without_original = list(argv)
-    if "--original_code" in argv:  # the released code runs once, in the default allocator's run
-        i = argv.index("--original_code")
-        del without_original[i : i + 2]
+    without_original = without_option(argv, "--original_code")  # the released code runs once, with the default
     for name, run_argv, extra in (("default", argv, []), ("kept", without_original, ["--malloc"])):
         print(f"allocator {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *run_argv, *extra],

@@ -4,6 +4,7 @@ Run from the repository root::
 
     python bench/bench_train_loop.py                                  # published size, 60 iterations per setting
     python bench/bench_train_loop.py --patch 32 --feature_scale 8 --iters 12 --skip 4 --shape 48 48 40   # quick
+    python bench/bench_train_loop.py --original_code ../UG-MCL/code --iters 5 --skip 1   # and the released code
 
 Unlike ``bench/bench_train.py`` (one step on a fixed batch in isolation), this runs ``code/train_UGMCL_3D.py``
 itself, once per setting, on a synthetic pre-processed dataset (written to a temporary folder unless

@@ -96,8 +96,8 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--keep_freed_memory", type=int, choices=[0, 1, 2], default=d.keep_freed_memory,
                    help="CPU: glibc keeps freed memory for reuse instead of returning it, so repeated large "
                         "allocations stop page-faulting; identical results. 2 = during the teacher's passes and the "
-                        "validations (96^3: 1.19x faster than 0 at a lower peak RSS), 1 = always (1.28x faster than 0, "
-                        "1.4x its peak RSS), 0 = glibc's default")
+                        "validations, then given back if 1 GiB or more is free (96^3: 1.18x faster than 0 at a lower peak "
+                        "RSS), 1 = always (1.29x faster than 0, 1.6x its peak RSS), 0 = glibc's default")
     g.add_argument("--fast_network", action="store_true",
                    help="CPU: fused InstanceNorm+ReLU and channels_last_3d, ~1.45x faster, same maths, not "
                         "bit-identical (no effect on CUDA, where the plain network is faster)")

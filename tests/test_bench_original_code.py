@@ -163,3 +163,11 @@ def test_infer_bench_times_the_released_test_single_case_and_compares_its_labels
         bench_infer.main([*args, "--original_code", str(tmp_path / "nowhere")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().endswith("no test_3D_util.py there")
+
+
+def test_both_allocators_pass_the_released_code_to_the_default_run_only() -> None:
+    from bench_infer import without_option
+
+    argv = ["--repeats", "3", "--original_code", "/x/code", "--blends", "uniform", "--original_code=/y", "--json"]
+    assert without_option(argv, "--original_code") == ["--repeats", "3", "--blends", "uniform", "--json"]
+    assert without_option(["--original_codes", "1"], "--original_code") == ["--original_codes", "1"]

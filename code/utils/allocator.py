@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
+    "heap_free_bytes",
     "keep_freed_memory",
     "keep_freed_memory_on_cpu",
     "keeping_freed_memory",
     "stop_keeping_freed_memory",
+    "trim_freed_memory",
 ]
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
@@ -80,15 +82,52 @@ def stop_keeping_freed_memory(mmap_threshold: int = 4 << 20) -> bool:
     return _set_mmap_threshold(mmap_threshold) is not None
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (``<malloc.h>``, glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes that glibc's heap holds free (``mallinfo2().fordblks``), or None where it cannot say."""
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def trim_freed_memory(min_free_bytes: int = 1 << 30) -> bool:
+    """Give the heap's free pages back to the system (``malloc_trim(0)``) if it holds ``min_free_bytes`` or more free.
+
+    Returns True if it trimmed. Where glibc cannot say how much is free (before 2.33, or no glibc), nothing happens.
+    """
+    free = heap_free_bytes()
+    if free is None or free < min_free_bytes:
+        return False
+    _libc().malloc_trim(0)
+    return True
+
+
 @contextlib.contextmanager
-def keeping_freed_memory() -> Iterator[bool]:
+def keeping_freed_memory(trim_above: int = 1 << 30) -> Iterator[bool]:
     """Keep freed memory (:func:`keep_freed_memory`) inside the block, map large blocks again after it
-    (:func:`stop_keeping_freed_memory`); yields whether glibc took the setting.
+    (:func:`stop_keeping_freed_memory`), and then give the heap's free pages back if there are ``trim_above`` bytes
+    or more of them (:func:`trim_freed_memory`); yields whether glibc took the setting.
 
     For work that repeats the same large allocations (the no-grad teacher passes of a training step), followed by
     work that keeps many large blocks alive at once (the student's forward and backward): the first stops
-    page-faulting, and the second does not pile its blocks onto the heap, so the peak RSS stays about that of glibc's
-    default (96^3, batch 4: 3.6 GiB against 3.9 GiB, where keeping freed memory throughout needs 5.6 GiB).
+    page-faulting, and the second does not pile its blocks onto the heap. Without the trim, the student's blocks
+    still take the heap's free parts that fit them, so the teacher's next passes find the heap cut up and grow it:
+    at 96^3, batch 4 the peak RSS rose from 3.6 GiB after 3 iterations to 4.9 GiB after 6 (5.7 GiB in the training
+    loop). With it, 6 iterations peaked at 3.6 GiB (glibc's default: 3.9 GiB; kept throughout: 5.6 GiB after 3),
+    at 41.9 s per iteration against 38.2 s untrimmed. Small runs, whose heap holds less than ``trim_above`` free,
+    are not trimmed: at the demo's size trimming every step cost 16 %.
     """
     kept = keep_freed_memory()
     try:
@@ -96,6 +135,7 @@ def keeping_freed_memory() -> Iterator[bool]:
     finally:
         if kept:
             stop_keeping_freed_memory()
+            trim_freed_memory(trim_above)
 
 
 def keep_freed_memory_on_cpu(device_type: str, enabled: bool = True) -> bool:

@@ -106,3 +106,39 @@ def test_keep_freed_memory_on_cpu_only_where_asked(monkeypatch, device_type, ena
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     assert allocator.keep_freed_memory_on_cpu(device_type, enabled) is called
     assert calls == ([1] if called else [])
+
+
+# After keeping_freed_memory(trim_above=...): a heap holding more free memory than trim_above gives its pages back,
+# one holding less keeps them. Prints the RSS (MB) still held after freeing a 512 MB tensor inside the block, for a
+# trim_above of 256 MB and of 4 GB, and what trim_freed_memory says with nothing left to trim.
+_TRIM = """
+import resource, sys, torch
+sys.path.insert(0, {code!r})
+from utils.allocator import heap_free_bytes, keeping_freed_memory, trim_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+held = []
+for trim_above in (256 << 20, 4 << 30):
+    before = rss_mb()
+    with keeping_freed_memory(trim_above=trim_above):
+        x = torch.empty(128 << 20); x.fill_(1.0); del x  # 512 MB, freed into the heap
+        free_inside = heap_free_bytes()
+    held.append(round(rss_mb() - before))
+print(held[0], held[1], free_inside >= 512 << 20, trim_freed_memory(4 << 30))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="needs glibc")
+def test_keeping_freed_memory_trims_a_heap_with_more_free_than_trim_above():
+    if allocator.heap_free_bytes() is None:
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    program = _TRIM.format(code=str(CODE))
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    trimmed_mb, kept_mb, saw_free, trimmed_again = out.split()
+    assert int(trimmed_mb) < 100  # 512 MB free > 256 MB: given back
+    assert int(kept_mb) > 300  # 512 MB free < 4 GB: kept for reuse
+    assert saw_free == "True"  # mallinfo2 counted the freed tensor as free heap
+    assert trimmed_again == "False"  # under its threshold, trim_freed_memory does nothing
