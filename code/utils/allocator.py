@@ -7,8 +7,9 @@ again: ~40 % of a released-like CPU iteration is spent there. Raising the ``mmap
 heap then also holds blocks of every size the iteration used, so the peak RSS grows. :func:`keeping_freed_memory`
 does it only around the work that repeats the same allocations (the teacher's passes, a validation): most of the
 speed at about glibc's default peak RSS. Measured with ``bench/bench_train.py`` (2-core machine, 96^3, batch 4, T 8,
-fast network, 3 iterations, one run; identical losses): glibc's default 48.3 s per iteration and 3.9 GiB peak RSS,
-kept around the teacher's passes (training's CPU default) 40.7 s and 3.6 GiB, kept throughout 37.8 s and 5.6 GiB.
+fast network, 6 iterations, one run; identical losses): glibc's default 49.5 s per iteration and 3.85 GiB peak RSS,
+kept around the teacher's passes and trimmed after them (training's CPU default) 41.8 s and 3.66 GiB, kept
+throughout 38.5 s and 6.33 GiB.
 Sliding-window inference gains as much: a 144x176x144 volume in 10.5 s instead of 15.5 s (plain network, one window
 per pass; 7.9 s instead of 9.9 s with the fast network and 4), identical labels, peak RSS +0.1 / +0.4 GiB. The
 settings are process-wide, affect speed and memory only, and apply to glibc on Linux.
