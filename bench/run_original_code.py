@@ -35,8 +35,6 @@ def _compose(steps: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 
 def _make_grid(images: Any, nrow: int = 8, padding: int = 2, normalize: bool = False, **_: Any) -> Any:
     """A plain ``utils.make_grid``: ``(N, C, H, W)`` images side by side in rows of ``nrow``, as ``(C, H', W')``."""
-    import torch
-
     images = images.float()
     if normalize:
         low, high = images.min(), images.max()
@@ -48,7 +46,7 @@ def _make_grid(images: Any, nrow: int = 8, padding: int = 2, normalize: bool = F
         r, k = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + k * (w + padding)
         grid[:, top : top + h, left : left + w] = images[i]
-    return torch.as_tensor(grid)
+    return grid
 
 
 def install_torchvision_stand_ins() -> bool:
