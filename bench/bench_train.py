@@ -28,7 +28,9 @@ after the other:
                     ``--keep_freed_memory 2``, the CPU default of training): the repeated passes stop
                     page-faulting, the peak RSS stays about that of ``+channels_last``
 ``+thp``            instead of ``+malloc``: ``THP_MEM_ALLOC_ENABLE=1`` (torch's own switch, read at its first
-                    allocation) backs large tensors with 2 MB transparent huge pages: 512x fewer page faults
+                    allocation) backs large tensors with 2 MB transparent huge pages: 50x fewer page faults,
+                    but slower on the 2-core machine (the kernel compacts memory for them; results/cpu.md)
+``+thp_teacher``    ``+malloc_teacher`` and ``+thp``; ``+thp_malloc``: ``+malloc`` and ``+thp``
 ``+cudnn_benchmark`` (CUDA) instead of ``+malloc``: ``torch.backends.cudnn.benchmark``, cuDNN times its
                     algorithms once per shape and keeps the fastest (``--deterministic 0`` in training)
 ``+bf16``           (``--amp``) the ``+channels_last`` set under ``torch.autocast`` bf16 (CPU) / bf16|fp16 (CUDA),
@@ -72,10 +74,14 @@ CONFIGS: dict[str, dict[str, bool]] = {
     "+malloc": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc": True},
     "+malloc_teacher": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc_teacher": True},
     "+thp": {"low_memory": True, "fused_norm": True, "channels_last": True, "thp": True},
+    "+thp_teacher": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc_teacher": True,
+                     "thp": True},
+    "+thp_malloc": {"low_memory": True, "fused_norm": True, "channels_last": True, "malloc": True, "thp": True},
     "+cudnn_benchmark": {"low_memory": True, "fused_norm": True, "channels_last": True, "cudnn_benchmark": True},
     "+bf16": {"low_memory": True, "fused_norm": True, "channels_last": True, "cudnn_benchmark": True, "amp": True},
 }
 ALIASES = {"all": "+malloc"}
+NOT_BY_DEFAULT = ("+bf16", "+cudnn_benchmark", "+thp_teacher", "+thp_malloc")
 
 
 def _batch(args: argparse.Namespace, device: Any) -> Any:
@@ -231,7 +237,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs",
         nargs="+",
         default=None,
-        help=f"configurations to run, in order (default: all fp32 ones); from {list(CONFIGS)} and 'all'",
+        help=f"configurations to run, in order (default: the fp32 ones but the +thp_ pairs); from {list(CONFIGS)} and 'all'",
     )
     parser.add_argument(
         "--rounds",
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args, args.worker)))
         return 0
-    names = [ALIASES.get(n, n) for n in (args.configs or [n for n in CONFIGS if n not in ("+bf16", "+cudnn_benchmark")])]
+    names = [ALIASES.get(n, n) for n in (args.configs or [n for n in CONFIGS if n not in NOT_BY_DEFAULT])]
     if args.amp and "+bf16" not in names:
         names.append("+bf16")
     unknown = [n for n in names if n not in CONFIGS]
