@@ -118,9 +118,8 @@ def run_measured(cmd: list[str], cwd: Path, stderr_file: Path) -> dict[str, Any]
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return {"returncode": proc.returncode, "wall": wall, "peak_gb": usage.ru_maxrss * scale / 2**30}
+    return {"returncode": os.waitstatus_to_exitcode(status), "wall": wall, "peak_gb": usage.ru_maxrss * scale / 2**30}
 
 
 def original_command(args: argparse.Namespace, root: Path, work: Path) -> tuple[list[str], Path, Path]:

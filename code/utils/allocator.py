@@ -38,6 +38,16 @@ _M_MMAP_THRESHOLD = -3
 _NEVER_TRIM = (1 << 31) - 1
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (``<malloc.h>``, glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]
+
+
 @functools.cache  # find_library runs ldconfig in a subprocess: once per process, not once per training step
 def _libc() -> Any:
     """glibc as a ``ctypes`` library with ``mallopt``, or None where there is none."""
@@ -46,6 +56,8 @@ def _libc() -> Any:
         libc.mallopt  # noqa: B018 - raise AttributeError here, not at the first use
     except (OSError, AttributeError):
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
     return libc
 
 
@@ -83,24 +95,12 @@ def stop_keeping_freed_memory(mmap_threshold: int = 4 << 20) -> bool:
     return _set_mmap_threshold(mmap_threshold) is not None
 
 
-class _MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (``<malloc.h>``, glibc 2.33 and later)."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")
-    ]
-
-
 def heap_free_bytes() -> int | None:
     """Bytes that glibc's heap holds free (``mallinfo2().fordblks``), or None where it cannot say."""
     libc = _libc()
-    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
-    if mallinfo2 is None:
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().fordblks)
+    return int(libc.mallinfo2().fordblks)
 
 
 def trim_freed_memory(min_free_bytes: int = 1 << 30) -> bool:
