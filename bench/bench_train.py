@@ -1,4 +1,4 @@
-"""Time one UG-MCL training iteration and its peak memory, released-like path against the speed-ups (issue #7).
+"""Time one UG-MCL training iteration and its peak memory, released-like path against the speed-ups.
 
 Run from the repository root::
 
@@ -15,16 +15,16 @@ after the other:
 ==================  ==================================================================================
 ``baseline``        released-like: contiguous layout, ``InstanceNorm3d`` + ``ReLU`` modules, the student's
                     forward before the teacher's passes, T passes in chunks of 2 (``mc_chunk=2``)
-``+low_memory``     ``UGMCL(low_memory=True)``: the teacher's passes run before the student's forward, each chunk
+``+low_memory``     ``low_memory=1`` with ``speed.passes.PredrawnPasses``: the teacher's passes run before the student's forward, each chunk
                     of Monte-Carlo passes as forwards of B rows (dropout masks drawn ahead, so the random
                     stream is unchanged): lower peak memory, same losses bit for bit
-``+fused_norm``     InstanceNorm + ReLU as one step (``networks.unet_3D.set_fused_norm``)
-``+channels_last``  conv weights and so all activations in ``channels_last_3d`` (``to_channels_last``)
+``+fused_norm``     InstanceNorm + ReLU as one step (``speed.fused_norm``, ``speed.recompute``)
+``+channels_last``  conv weights and so all activations in ``channels_last_3d`` (``speed.layout``)
 ``+malloc``         glibc ``mallopt`` keeps freed memory for reuse instead of unmapping it (a process-wide
-                    setting, ``utils.allocator.keep_freed_memory``, on by default when training on CPU,
+                    setting, ``speed.allocator.keep_freed_memory``, on by default when training on CPU,
                     ``--keep_freed_memory``): almost no page faults, higher peak RSS
 ``+malloc_teacher`` instead of ``+malloc``: glibc keeps freed memory only while the teacher's passes run; the
-                    student's large blocks are mapped and unmapped again (``utils.allocator.keeping_freed_memory``,
+                    student's large blocks are mapped and unmapped again (``speed.allocator.keeping_freed_memory``,
                     ``--keep_freed_memory 2``, the CPU default of training): the repeated passes stop
                     page-faulting, the peak RSS stays about that of ``+channels_last``
 ``+thp``            instead of ``+malloc``: ``THP_MEM_ALLOC_ENABLE=1`` (torch's own switch, read at its first
@@ -64,7 +64,7 @@ from typing import Any
 CODE = Path(__file__).resolve().parents[1] / "code"
 sys.path.insert(0, str(CODE))
 
-from utils.allocator import keep_freed_memory, keeping_freed_memory  # noqa: E402
+from speed.allocator import keep_freed_memory  # noqa: E402
 
 CONFIGS: dict[str, dict[str, bool]] = {
     "baseline": {},
@@ -136,7 +136,12 @@ def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     from engine.config import TrainConfig
     from methods.ugmcl import UGMCL
-    from networks.unet_3D import set_fused_norm, to_channels_last, unet_3D_dt
+    from networks.unet_3D import unet_3D_dt
+    from speed.dropout import predraw_dropout
+    from speed.fused_norm import fuse_norm_relu
+    from speed.layout import to_channels_last
+    from speed.passes import PredrawnPasses
+    from speed.recompute import keep_activations_as_sources
     from utils.device import get_device
 
     device = get_device(args.device)
@@ -152,16 +157,21 @@ def worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
         mc_chunk=2,
         feature_scale=args.feature_scale,
         max_iterations=30000,
+        low_memory=int(bool(opts.get("low_memory"))),
     )
     student = unet_3D_dt(feature_scale=args.feature_scale, n_classes=2, in_channels=1).to(device)
+    # the pieces that speed.prepare_training puts together, one at a time
+    passes = None
+    if opts.get("low_memory"):
+        predraw_dropout(student)
+        passes = PredrawnPasses(keep_memory_around_teacher=bool(opts.get("malloc_teacher")))
     if opts.get("fused_norm"):
-        set_fused_norm(student)
+        fuse_norm_relu(student)
+        keep_activations_as_sources(student)
     if opts.get("channels_last"):
         to_channels_last(student)
     student.train()
-    method = UGMCL(student, cfg, low_memory=bool(opts.get("low_memory")))
-    if opts.get("malloc_teacher"):
-        method.around_teacher_passes = keeping_freed_memory
+    method = UGMCL(student, cfg, passes=passes)
     optimizer = torch.optim.SGD(
         student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

@@ -28,6 +28,7 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -38,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import speed
 from dataloaders.preprocess import nonzero_bbox, normalise_intensity
-from engine.evaluate import add_prediction_arguments, keep_largest_component, predict_case
+from engine.evaluate import keep_largest_component
+from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
-from utils.allocator import keep_freed_memory_on_cpu
 from utils.atomic import atomic_path
 from utils.checkpoint import (
     PUBLISHED_CHECKPOINTS,
@@ -199,17 +201,9 @@ def segment_volume(
     affine: np.ndarray,
     *,
     spacing: float | None = 1.0,
-    patch_size: Sequence[int] = (96, 96, 96),
-    stride_xy: int = 64,
-    stride_z: int = 64,
-    sw_batch: int = 1,
-    blend: str = "uniform",
-    tta: bool = False,
-    mc_passes: int = 0,
-    amp: bool = False,
+    window: SlidingWindow = SlidingWindow(),
     lcc: bool = False,
     device: torch.device | str | None = None,
-    fast: bool = False,
 ) -> Segmentation:
     """Segment a raw FLAIR volume and return the result in the volume's own voxel grid.
 
@@ -221,8 +215,9 @@ def segment_volume(
         affine: its 4x4 voxel-to-world matrix (any orientation, any voxel size).
         spacing: isotropic grid in mm the network works on (default 1.0, the BraTS grid); None keeps the
             input's voxels. Voxels within 0.1 % of it are not resampled.
-        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast: see
-            :func:`engine.evaluate.predict_case`.
+        window: the sliding-window settings (``mc_passes`` > 0 adds the uncertainty); see
+            :func:`engine.prediction.predict_case`.
+        device: where to run; default the network's device.
         lcc: keep only the largest connected tumour component. Default False.
 
     Returns:
@@ -252,9 +247,7 @@ def segment_volume(
         grid_shape = tuple(max(1, round(n * s / spacing)) for n, s in zip(cropped_shape, voxel_size))
         image = _resize(image, grid_shape, order=1).astype(np.float32)
 
-    labels, uncertainty, probabilities = predict_case(
-        net, image, tuple(patch_size), stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast
-    )
+    labels, uncertainty, probabilities = predict_case(net, image, window, device)
     if resample:
         probabilities = _resize(probabilities, cropped_shape, order=1)
         labels = np.argmax(probabilities, axis=0).astype(np.uint8)
@@ -336,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_classes", type=int, default=2, help="output classes")
     parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
     add_prediction_arguments(parser)
+    speed.add_arguments(parser)
     return parser
 
 
@@ -360,29 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             checkpoint = Path(args.checkpoint)
         device = get_device(args.device)
-        keep_freed_memory_on_cpu(device.type, bool(args.keep_freed_memory))  # before the large tensors
+        window = dataclasses.replace(window_from_args(args), mc_passes=args.mc_passes if args.uncertainty else 0)
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
         net = net_factory_3d(args.model, in_chns=1, class_num=args.num_classes, **kwargs)
         load_weights(net, checkpoint, map_location="cpu")
-        net.to(device)
+        fast = speed.prepare_inference(net, speed.options_from_args(args), device)
         reference, data = load_flair(flair)
-        result = segment_volume(
-            net,
-            data,
-            reference.affine,
-            spacing=args.spacing if args.spacing > 0 else None,
-            patch_size=tuple(args.patch_size),
-            stride_xy=args.stride_xy,
-            stride_z=args.stride_z,
-            sw_batch=args.sw_batch,
-            blend=args.blend,
-            tta=args.tta,
-            mc_passes=args.mc_passes if args.uncertainty else 0,
-            amp=args.amp,
-            lcc=args.lcc,
-            device=device,
-            fast=args.fast,
-        )
+        with fast.around_case():
+            result = segment_volume(fast.net, data, reference.affine, spacing=args.spacing if args.spacing > 0 else None,
+                                    window=window, lcc=args.lcc, device=device)
         write_like(args.output, result.labels, reference, np.uint8)
         if args.uncertainty and result.uncertainty is not None:
             write_like(args.uncertainty, result.uncertainty, reference, np.float32)

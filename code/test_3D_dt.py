@@ -25,9 +25,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.evaluate import CaseFileError, add_prediction_arguments, evaluate, format_summary_table
+import speed
+from engine.evaluate import CaseFileError, Outputs, evaluate, format_summary_table
+from engine.prediction import add_prediction_arguments, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
-from utils.allocator import keep_freed_memory_on_cpu
 from utils.checkpoint import CheckpointError, CheckpointNotFoundError, git_blob_id, load_weights
 from utils.device import get_device
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write a PNG overlay per case")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_prediction_arguments(parser)
+    speed.add_arguments(parser)
     return parser
 
 
@@ -79,11 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model_dir) / args.exp / f"{args.model}_predictions"
     try:
         device = get_device(args.device)
-        keep_freed_memory_on_cpu(device.type, bool(args.keep_freed_memory))  # before the large tensors
+        window = window_from_args(args)
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
         net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes, **kwargs)
         load_weights(net, checkpoint, map_location="cpu")
-        net.to(device)
+        fast = speed.prepare_inference(net, speed.options_from_args(args), device)
+        for note in fast.notes:
+            print(f"note: {note}", file=sys.stderr)
         config = {
             "exp": args.exp,
             "model": args.model,
@@ -92,30 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "feature_scale": args.feature_scale,
             "num_classes": args.num_classes,
             "in_channels": args.in_channels,
+            "speed": vars(fast.options),
         }
-        result = evaluate(
-            net,
-            args.root_path,
-            out_dir,
-            split=args.split,
-            patch_size=tuple(args.patch_size),
-            stride_xy=args.stride_xy,
-            stride_z=args.stride_z,
-            sw_batch=args.sw_batch,
-            blend=args.blend,
-            tta=args.tta,
-            mc_passes=args.mc_passes,
-            amp=args.amp,
-            device=device,
-            fast=args.fast,
-            lcc=args.lcc,
-            native=args.native,
-            metric_backend=args.metric_backend,
-            save_nifti_files=not args.no_save,
-            overlay_png=args.overlay,
-            config=config,
-            progress=not args.no_progress,
-        )
+        outputs = Outputs(nifti=not args.no_save, native=args.native, overlay_png=args.overlay)
+        result = evaluate(fast.net, args.root_path, out_dir, window=window, split=args.split, device=device,
+                          lcc=args.lcc, metric_backend=args.metric_backend, outputs=outputs,
+                          around_case=fast.around_case, config=config, progress=not args.no_progress)
     except CheckpointNotFoundError as err:
         print(f"error: {err}{_missing_checkpoint_hint(args.exp, args.model)}", file=sys.stderr)
         return 1

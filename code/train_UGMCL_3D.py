@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import speed
 from engine.config import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -40,7 +41,8 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g = p.add_argument_group("data and model (names of the released code)")
     g.add_argument("--root_path", default=d.root_path, help="preprocessed data: <root>/data/*.h5 and split lists")
     g.add_argument("--exp", default=d.exp, help="experiment name; outputs in <model_dir>/<exp>_<labeled_num>/<model>")
-    g.add_argument("--model", default=d.model, help="network: unet_3D_dt, vnet_dt, unet_3D, vnet, ...")
+    g.add_argument("--model", default=None,
+                   help="network: unet_3D_dt, vnet_dt, unet_3D, vnet, unet_3D_ds (default: the one --method needs)")
     g.add_argument("--model_dir", default="../model", help="parent folder of all run folders")
     g.add_argument("--labeled_num", type=int, default=d.labeled_num, help="labelled cases = first N lines of train.txt")
     g.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("X", "Y", "Z"))
@@ -73,9 +75,8 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--mc_passes", "--T", dest="mc_passes", type=int, default=d.mc_passes, help="MC-dropout passes T")
     g.add_argument("--mc_chunk", type=int, default=d.mc_chunk, help="teacher passes per forward (0 = all)")
     g.add_argument("--low_memory", type=int, choices=[0, 1], default=d.low_memory,
-                   help="1: teacher passes before the student's forward, B rows per forward: about a third of the "
-                        "peak memory, the released losses bit for bit on CPU (on CUDA another random draw); "
-                        "0: released order (faster on a GPU with memory to spare)")
+                   help="1: teacher passes before the student's forward, B rows per forward: a lower peak memory, "
+                        "the released losses bit for bit on CPU (on CUDA another random draw); 0: the released order")
     g.add_argument("--noise_std", type=float, default=d.noise_std)
     g.add_argument("--noise_clip", type=float, default=d.noise_clip)
     g.add_argument("--threshold_start", type=float, default=d.threshold_start, help="tau(0) / ln 2")
@@ -93,23 +94,12 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16)")
     g.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pth")
-    g.add_argument("--keep_freed_memory", type=int, choices=[0, 1, 2], default=d.keep_freed_memory,
-                   help="CPU: glibc keeps freed memory for reuse instead of returning it, so repeated large "
-                        "allocations stop page-faulting; identical results. 2 = during the teacher's passes and the "
-                        "validations, then given back if 1 GiB or more is free (96^3: 1.18x faster than 0 at a lower peak "
-                        "RSS), 1 = always (1.29x faster than 0, 1.6x its peak RSS), 0 = glibc's default")
-    g.add_argument("--fast_network", action="store_true",
-                   help="CPU: fused InstanceNorm+ReLU and channels_last_3d, ~1.45x faster, same maths, not "
-                        "bit-identical (no effect on CUDA, where the plain network is faster)")
-    g.add_argument("--compile", type=int, choices=[0, 1], default=d.compile,
-                   help="1: torch.compile (Inductor) the student's and the teacher's forwards; for CUDA, best with "
-                        "--deterministic 0 --amp --low_memory 0. The first iterations compile (about 100 s on an H100); "
-                        "dropout then draws other random numbers (another draw, like another seed); no speed-up "
-                        "on CPU")
-    g.add_argument("--stride_xy", type=int, default=d.stride_xy, help="validation sliding-window stride")
-    g.add_argument("--stride_z", type=int, default=d.stride_z)
+    g.add_argument("--stride_xy", type=int, default=None,
+                   help="validation sliding-window stride (default: two thirds of the patch)")
+    g.add_argument("--stride_z", type=int, default=None, help="(default: two thirds of the patch)")
     g.add_argument("--sw_batch", type=int, default=d.sw_batch)
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    speed.add_arguments(p, d.speed)
     return p
 
 
@@ -117,6 +107,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["patch_size"] = tuple(args.patch_size)
+    values["speed"] = speed.options_from_args(args)
     if method is not None:
         values["method"] = method
     return TrainConfig(**values)
@@ -124,12 +115,12 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
 
 def main(argv: Sequence[str] | None = None, method: str | None = None) -> int:
     args = build_parser(method=method).parse_args(argv)
-    cfg = config_from_args(args, method)
     from engine.trainer import TrainingError, train
 
     try:
+        cfg = config_from_args(args, method)
         summary = train(cfg, model_dir=args.model_dir, progress=not args.no_progress)
-    except TrainingError as err:
+    except (TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports

@@ -40,7 +40,6 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "fail_together",
-    "forward_through",
     "gather_objects",
     "init_distributed",
     "is_main",
@@ -216,25 +215,6 @@ def sync_buffers(model: nn.Module, info: DistInfo) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer.data, src=0)
-
-
-@contextmanager
-def forward_through(method: Any, wrapped: nn.Module) -> Iterator[None]:
-    """Let ``method.student(x)`` run through ``wrapped`` (the DDP wrapper) inside the block.
-
-    A method keeps its plain student for everything else: its teacher is a copy of it, the EMA update matches
-    parameter names without DDP's ``module.`` prefix, and its ``state_dict`` is the published format. The
-    gradient averaging is armed by the wrapper's forward and happens in the ``backward()`` after the block.
-    """
-    plain = method.student
-    if wrapped is plain:
-        yield
-        return
-    method.student = wrapped
-    try:
-        yield
-    finally:
-        method.student = plain
 
 
 def barrier(info: DistInfo) -> None:

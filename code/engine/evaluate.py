@@ -20,8 +20,9 @@ offset; here the affine comes from the geometry attributes that ``dataloaders.pr
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -29,6 +30,8 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Union
 
@@ -41,14 +44,16 @@ from tqdm import tqdm
 
 from dataloaders.brats2019 import BraTS2019
 from dataloaders.preprocess import read_case_h5, restore_to_original
+from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case
 from utils.atomic import atomic_path, atomic_write_text
 from utils.metrics import METRIC_NAMES, case_metrics, summarise
-from utils.sliding_window import sliding_window_probabilities
 
 __all__ = [
     "CSV_COLUMNS",
     "CaseFileError",
     "EvaluationResult",
+    "Outputs",
+    "SlidingWindow",
     "add_prediction_arguments",
     "check_case_file",
     "evaluate",
@@ -180,94 +185,6 @@ def stored_geometry(attrs: Mapping[str, Any], shape: Sequence[int]) -> tuple[np.
 
 
 # ------------------------------------------------------------------------------------------------ predicting
-
-
-def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sliding-window options ``test_3D_dt.py`` and ``predict.py`` share (the arguments of :func:`predict_case`
-    except ``mc_passes``, whose default differs, plus ``--lcc``)."""
-    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
-    parser.add_argument("--stride_xy", type=int, default=64, help="sliding-window stride on the first two axes")
-    parser.add_argument("--stride_z", type=int, default=64, help="sliding-window stride on the last axis")
-    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--blend", choices=("uniform", "gaussian"), default="uniform", help="overlap weighting")
-    parser.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
-    parser.add_argument("--amp", action="store_true", help="mixed precision inference")
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="CPU: a channels-last copy of the network with fused InstanceNorm+ReLU, ~1.6x faster; labels equal "
-        "the plain path up to float rounding at near-ties (no gain on CUDA)",
-    )
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1' ...")
-    parser.add_argument(
-        "--keep_freed_memory",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="CPU: glibc keeps freed memory for reuse instead of page-faulting it in again (utils/allocator.py): "
-        "~1.5x faster plain prediction of a BraTS-sized volume, identical labels, +0.1-0.4 GiB; 0: glibc default",
-    )
-    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected tumour component")
-
-
-def predict_case(
-    net: nn.Module,
-    image: np.ndarray | torch.Tensor,
-    patch_size: int | Sequence[int] = (96, 96, 96),
-    stride_xy: int = 64,
-    stride_z: int = 64,
-    sw_batch: int = 1,
-    blend: str = "uniform",
-    tta: bool = False,
-    mc_passes: int = 0,
-    amp: bool = False,
-    device: torch.device | str | None = None,
-    fast: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Label map, optional MC-dropout uncertainty and class probabilities of one volume.
-
-    The label map is ``argmax`` of the deterministic (eval-mode) sliding-window softmax, so the scores do not
-    depend on whether uncertainty is asked for. With ``mc_passes = T > 0`` a second sliding-window run with the
-    dropout layers on gives ``U = -sum_c p_bar_c log(p_bar_c + 1e-6)`` of the mean of T softmax maps
-    (:func:`utils.sliding_window.sliding_window_probabilities`).
-
-    Args:
-        net: segmentation network returning logits or a tuple ending with them (``unet_3D_dt``).
-        image: (D, H, W) or (C, D, H, W).
-        patch_size: window (pd, ph, pw). Default (96, 96, 96).
-        stride_xy: stride on the first two axes. Default 64.
-        stride_z: stride on the last axis. Default 64.
-        sw_batch: windows per forward. Default 1.
-        blend: ``"uniform"`` (default, released) or ``"gaussian"``.
-        tta: average over the 8 mirrorings of the spatial axes (both runs). Default False.
-        mc_passes: T; 0 (default) = no uncertainty.
-        amp: mixed precision (see the sliding window). Default False.
-        device: where to run; default the network's device.
-        fast: predict with a channels-last, fused-norm copy of ``net`` (the sliding window's ``fast``): about
-            1.6x faster on CPU, the same probabilities up to float rounding. Default False.
-
-    Returns:
-        ``(labels, uncertainty, probabilities)``: (D, H, W) uint8; (D, H, W) float32 or None; (K, D, H, W)
-        float32 numpy arrays.
-    """
-    common = dict(
-        patch=patch_size,
-        stride_xy=stride_xy,
-        stride_z=stride_z,
-        blend=blend,
-        batch_size=sw_batch,
-        tta_flip=tta,
-        amp=amp,
-        device=device,
-        fast=fast,
-    )
-    probabilities, _ = sliding_window_probabilities(net, image, mc_passes=0, **common)  # type: ignore[arg-type]
-    labels = torch.argmax(probabilities, dim=0).to(torch.uint8).cpu().numpy()
-    uncertainty = None
-    if mc_passes > 0:
-        _, unc = sliding_window_probabilities(net, image, mc_passes=mc_passes, **common)  # type: ignore[arg-type]
-        uncertainty = unc.float().cpu().numpy() if unc is not None else None
-    return labels, uncertainty, probabilities.cpu().numpy()
 
 
 def keep_largest_component(labels: np.ndarray, connectivity: int = 3) -> np.ndarray:
@@ -406,56 +323,140 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What :func:`evaluate` writes per case besides the metrics.
+
+    Attributes:
+        nifti: ``<case>_{pred,img,gt}.nii.gz`` (and ``_unc`` with MC passes). Default True.
+        native: ``<case>_pred_native.nii.gz`` in the original scan's grid and affine. Default False.
+        overlay_png: ``<case>_overlay.png``. Default False.
+    """
+
+    nifti: bool = True
+    native: bool = False
+    overlay_png: bool = False
+
+
+class _Case(NamedTuple):
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    attrs: dict[str, Any]
+
+
+def _read(dataset: BraTS2019, name: str) -> _Case:
+    image, label, attrs = read_case(dataset.path_of(name))
+    return _Case(name, image, label, attrs)
+
+
+def _score(case: _Case, pred: np.ndarray, seconds: float, backend: str) -> dict[str, Any]:
+    """The metrics row of a case: foreground ``pred > 0`` against ``label > 0`` (prediction first)."""
+    gt = case.label[0] if case.label.ndim == 4 else case.label
+    _, spacing = stored_geometry(case.attrs, gt.shape)
+    row: dict[str, Any] = {"case": case.name}
+    row.update(case_metrics(pred > 0, gt > 0, spacing=spacing, metric_backend=backend))
+    row["seconds"] = round(seconds, 3)
+    return row
+
+
+def _write(out: Path, case: _Case, pred: np.ndarray, uncertainty: np.ndarray | None, row: Mapping[str, Any],
+           outputs: Outputs) -> bool:
+    """The case's NIfTI / PNG files; returns False when ``native`` was asked for but the file lacks the geometry."""
+    gt = case.label[0] if case.label.ndim == 4 else case.label
+    affine, _ = stored_geometry(case.attrs, gt.shape)
+    name = case.name
+    if outputs.nifti:
+        save_nifti(out / f"{name}_pred.nii.gz", pred, affine, np.uint8)
+        save_nifti(out / f"{name}_img.nii.gz", _channels_last(case.image), affine, np.float32)
+        save_nifti(out / f"{name}_gt.nii.gz", _channels_last(case.label), affine, np.uint8)
+        if uncertainty is not None:
+            save_nifti(out / f"{name}_unc.nii.gz", uncertainty, affine, np.float32)
+    if outputs.overlay_png:
+        from utils.visualize import save_overlay_png
+
+        save_overlay_png(out / f"{name}_overlay.png", case.image, gt, pred, uncertainty,
+                         title=f"{name}  Dice {row['dice'] * 100:.2f} %")
+    if not outputs.native:
+        return True
+    if not all(key in case.attrs for key in _GEOMETRY_KEYS):
+        return False
+    restored = restore_to_original(pred, case.attrs)
+    save_nifti(out / f"{name}_pred_native.nii.gz", restored, case.attrs["original_affine"], np.uint8)
+    return True
+
+
+def _summary(rows: list[dict[str, Any]], settings: dict[str, Any], native_skipped: int, seconds: float) -> dict[str, Any]:
+    flat = summarise(rows)
+    return {
+        "n_cases": flat["n_cases"],
+        "metrics": {
+            metric: {"mean": flat[f"{metric}_mean"], "std": flat[f"{metric}_std"], "n_nan": flat[f"n_nan_{metric}"]}
+            for metric in METRIC_NAMES
+        },
+        "n_empty_pred": flat.get("n_empty_pred", 0),
+        "n_empty_gt": flat.get("n_empty_gt", 0),
+        "n_native_skipped": native_skipped,
+        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm"},
+        "definitions": (
+            "metrics of (prediction, ground truth) in that order; HD95 pools both directed surface-distance sets "
+            "(medpy); ASD is directed prediction -> ground truth, ASSD symmetric; a case with an empty prediction "
+            "or label has NaN surface distances, excluded from the mean and counted in n_nan"
+        ),
+        "seconds_total": round(seconds, 3),
+        "config": settings,
+    }
+
+
+def _open_cases(root_path: PathLike, split: str) -> tuple[BraTS2019, list[str]]:
+    """The split's dataset and case names, every case file checked before the first prediction."""
+    dataset = BraTS2019(root_path, split=split)  # checks the split list and that every case file exists
+    names = list(dataset.image_list)
+    if not names:
+        raise ValueError(f"{Path(root_path) / (split + '.txt')} lists no case")
+    for name in names:
+        check_case_file(dataset.path_of(name))
+    return dataset, names
+
+
 def evaluate(
     net: nn.Module,
     root_path: PathLike,
     out_dir: PathLike | None = None,
     *,
+    window: SlidingWindow = SlidingWindow(),
     split: str = "test",
-    patch_size: int | Sequence[int] = (96, 96, 96),
-    stride_xy: int = 64,
-    stride_z: int = 64,
-    sw_batch: int = 1,
-    blend: str = "uniform",
-    tta: bool = False,
-    mc_passes: int = 0,
-    amp: bool = False,
     device: torch.device | str | None = None,
-    fast: bool = False,
     lcc: bool = False,
-    native: bool = False,
     metric_backend: str = "fast",
-    save_nifti_files: bool = True,
-    overlay_png: bool = False,
+    outputs: Outputs = Outputs(),
+    around_case: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Predict and score every case of ``<root_path>/<split>.txt``; write the results into ``out_dir``.
 
-    The label map of each case comes from :func:`predict_case`; the foreground ``pred > 0`` is scored against
-    ``label > 0`` (channel 0 of a multi-channel label) with :func:`utils.metrics.case_metrics` in the voxel size of
-    :func:`stored_geometry` (1 mm = voxels for the published data). Empty predictions or labels never stop the run:
-    their Dice/Jaccard follow ``utils.metrics`` (1 both empty, 0 one empty) and their surface distances are NaN,
-    left out of the means and counted (``n_nan`` per metric, ``n_empty_pred``, ``n_empty_gt``).
+    Per case, in order: read the case, predict (:func:`engine.prediction.predict_case`), post-process (``lcc``),
+    score (:func:`utils.metrics.case_metrics` in the voxel size of :func:`stored_geometry`, 1 mm = voxels for the
+    published data), write. Empty predictions or labels never stop the run: their Dice/Jaccard follow
+    ``utils.metrics`` (1 both empty, 0 one empty) and their surface distances are NaN, left out of the means and
+    counted (``n_nan`` per metric, ``n_empty_pred``, ``n_empty_gt``).
 
     Args:
         net: the network, moved to ``device`` when one is given.
         root_path: dataset folder with ``<split>.txt`` and ``data/<case>.h5``.
         out_dir: output folder (created; only the files named in the module docstring are written, existing
             files with other names are never touched). None writes nothing.
+        window: the sliding-window settings (``mc_passes`` > 0 adds the uncertainty maps).
         split: split list name. Default ``"test"``.
-        patch_size, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, fast: see :func:`predict_case`.
         device: where to run; default the network's device.
         lcc: keep only the largest connected foreground component (:func:`keep_largest_component`). Default False.
-        native: also write ``<case>_pred_native.nii.gz`` in the original scan's grid and affine
-            (``dataloaders.preprocess.restore_to_original``); cases whose file lacks the geometry attributes are
-            skipped with a note and counted (``n_native_skipped``).
         metric_backend: ``"fast"`` (alias ``"ours"``, default) or ``"medpy"``.
-        save_nifti_files: write the per-case NIfTI files (False: metrics only). Default True.
-        overlay_png: also write ``<case>_overlay.png`` (``utils.visualize.save_overlay_png``). Default False.
-        config: the run's settings, stored under ``"config"`` in ``summary.json`` (the arguments of this call are
-            stored there too).
+        outputs: which files to write per case (:class:`Outputs`); cases whose file lacks the geometry for
+            ``native`` are skipped with a note and counted (``n_native_skipped``).
+        around_case: a context manager factory entered around each case's prediction (``speed.InferenceSpeed``).
+        config: the run's settings, stored under ``"config"`` in ``summary.json`` with the arguments of this call.
         progress: show a tqdm bar per case on stderr. Default True.
         log: where notes go (default: a line on stderr).
 
@@ -466,144 +467,47 @@ def evaluate(
         FileNotFoundError: if the split list or a listed case file is missing.
         CaseFileError: for a case file that is not readable ``image``/``label`` HDF5 (checked for all cases
             before the first prediction).
-        ValueError: for invalid options (checked before any prediction).
+        ValueError: for an invalid ``metric_backend`` (checked before any prediction).
     """
     log = log if log is not None else (lambda message: print(message, file=sys.stderr))
     backend = _BACKENDS.get(str(metric_backend))
     if backend is None:
-        raise ValueError(f"metric_backend must be one of {sorted(_BACKENDS)}, found {metric_backend!r}")
-    patch = _as_patch(patch_size)
-    for name, stride, sides in (("stride_xy", stride_xy, patch[:2]), ("stride_z", stride_z, patch[2:])):
-        if not isinstance(stride, (int, np.integer)) or stride < 1 or stride > min(sides):
-            raise ValueError(f"{name} must be an int between 1 and the patch side {min(sides)}, found {stride!r}")
-    if blend not in ("uniform", "gaussian"):
-        raise ValueError(f"blend must be 'uniform' or 'gaussian', found {blend!r}")
-    if not isinstance(mc_passes, (int, np.integer)) or mc_passes < 0:
-        raise ValueError(f"mc_passes must be an int >= 0 (0 = no uncertainty), found {mc_passes!r}")
-    if not isinstance(sw_batch, (int, np.integer)) or sw_batch < 1:
-        raise ValueError(f"sw_batch must be a positive int, found {sw_batch!r}")
-
+        raise ValueError(f"--metric_backend must be one of {sorted(_BACKENDS)}, got {metric_backend!r}")
     if device is not None:
         device = torch.device(device)
         net.to(device)
-    dataset = BraTS2019(root_path, split=split)  # checks the split list and that every case file exists
-    names = list(dataset.image_list)
-    if not names:
-        raise ValueError(f"{Path(root_path) / (split + '.txt')} lists no case")
-    for name in names:
-        check_case_file(dataset.path_of(name))
+    dataset, names = _open_cases(root_path, split)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-
-    settings = {
-        "root_path": os.fspath(root_path),
-        "split": split,
-        "patch_size": list(patch),
-        "stride_xy": stride_xy,
-        "stride_z": stride_z,
-        "sw_batch": sw_batch,
-        "blend": blend,
-        "tta": tta,
-        "mc_passes": mc_passes,
-        "amp": amp,
-        "fast": fast,
-        "device": str(device if device is not None else _net_device(net)),
-        "lcc": lcc,
-        "native": native,
-        "metric_backend": backend,
-        "save_nifti": save_nifti_files,
-    }
+    settings = {"root_path": os.fspath(root_path), "split": split, **dataclasses.asdict(window),
+                "patch_size": list(window.patch_size), "device": str(device if device is not None else _net_device(net)),
+                "lcc": lcc, "native": outputs.native, "metric_backend": backend, "save_nifti": outputs.nifti,
+                **dict(config or {})}
     rows: list[dict[str, Any]] = []
     native_skipped: list[str] = []
     started = time.perf_counter()
     bar = tqdm(names, desc=f"test ({split})", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for name in bar:
-        path = dataset.path_of(name)
-        image, label, attrs = read_case(path)
-        gt = label[0] if label.ndim == 4 else label
-        affine, spacing = stored_geometry(attrs, gt.shape)
-
+        case = _read(dataset, name)
         tic = time.perf_counter()
-        pred, uncertainty, _ = predict_case(
-            net, image, patch, stride_xy, stride_z, sw_batch, blend, tta, mc_passes, amp, device, fast
-        )
+        with around_case():
+            pred, uncertainty, _ = predict_case(net, case.image, window, device)
         if lcc:
             pred = keep_largest_component(pred)
-        seconds = time.perf_counter() - tic
-
-        row: dict[str, Any] = {"case": name}
-        row.update(case_metrics(pred > 0, gt > 0, spacing=spacing, metric_backend=backend))  # (pred, gt) order
-        row["seconds"] = round(seconds, 3)
-        rows.append(row)
-        bar.set_postfix(dice=f"{row['dice']:.4f}")
-
-        if out is None:
-            continue
-        if save_nifti_files:
-            save_nifti(out / f"{name}_pred.nii.gz", pred, affine, np.uint8)
-            save_nifti(out / f"{name}_img.nii.gz", _channels_last(image), affine, np.float32)
-            save_nifti(out / f"{name}_gt.nii.gz", _channels_last(label), affine, np.uint8)
-            if uncertainty is not None:
-                save_nifti(out / f"{name}_unc.nii.gz", uncertainty, affine, np.float32)
-        if native:
-            if all(key in attrs for key in _GEOMETRY_KEYS):
-                restored = restore_to_original(pred, attrs)
-                save_nifti(out / f"{name}_pred_native.nii.gz", restored, attrs["original_affine"], np.uint8)
-            else:
-                native_skipped.append(name)
-        if overlay_png:
-            from utils.visualize import save_overlay_png
-
-            save_overlay_png(
-                out / f"{name}_overlay.png",
-                image,
-                gt,
-                pred,
-                uncertainty,
-                title=f"{name}  Dice {row['dice'] * 100:.2f} %",
-            )
+        rows.append(_score(case, pred, time.perf_counter() - tic, backend))
+        bar.set_postfix(dice=f"{rows[-1]['dice']:.4f}")
+        if out is not None and not _write(out, case, pred, uncertainty, rows[-1], outputs):
+            native_skipped.append(name)
     bar.close()
     if native_skipped:
-        log(
-            f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
-            f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py"
-        )
-
-    flat = summarise(rows)
-    summary: dict[str, Any] = {
-        "n_cases": flat["n_cases"],
-        "metrics": {
-            metric: {
-                "mean": flat[f"{metric}_mean"],
-                "std": flat[f"{metric}_std"],
-                "n_nan": flat[f"n_nan_{metric}"],
-            }
-            for metric in METRIC_NAMES
-        },
-        "n_empty_pred": flat.get("n_empty_pred", 0),
-        "n_empty_gt": flat.get("n_empty_gt", 0),
-        "n_native_skipped": len(native_skipped),
-        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm"},
-        "definitions": (
-            "metrics of (prediction, ground truth) in that order; HD95 pools both directed surface-distance sets "
-            "(medpy); ASD is directed prediction -> ground truth, ASSD symmetric; a case with an empty prediction "
-            "or label has NaN surface distances, excluded from the mean and counted in n_nan"
-        ),
-        "seconds_total": round(time.perf_counter() - started, 3),
-        "config": {**settings, **dict(config or {})},
-    }
+        log(f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
+            f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py")
+    summary = _summary(rows, settings, len(native_skipped), time.perf_counter() - started)
     if out is not None:
         _write_csv(out / "metrics.csv", rows)
         atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     return EvaluationResult(rows, summary, out)
-
-
-def _as_patch(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
-    values = (patch_size,) * 3 if isinstance(patch_size, (int, np.integer)) else tuple(patch_size)
-    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in values):
-        raise ValueError(f"patch_size must be three positive ints, found {patch_size!r}")
-    return int(values[0]), int(values[1]), int(values[2])
 
 
 def _net_device(net: nn.Module) -> torch.device:

@@ -1,41 +1,38 @@
-"""Validation during training: sliding-window prediction of the val cases, mean Dice and HD95."""
+"""Validation during training: the test route (``engine.prediction.predict_case``) over the val cases, mean Dice
+and HD95."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dataloaders.brats2019 import BraTS2019
+from engine.config import TrainConfig
+from engine.prediction import SlidingWindow, predict_case
 from utils.metrics import dice, hd95
-from utils.sliding_window import predict_volume_labels
 
 __all__ = ["validate"]
 
 
-def validate(net: nn.Module, cfg: Any, device: torch.device, split: str = "val") -> dict[str, float]:
-    """Mean Dice and HD95 (voxels) of ``net`` over ``<root>/<split>.txt``, sliding window as in testing.
+def validate(net: nn.Module, cfg: TrainConfig, device: torch.device, split: str = "val") -> dict[str, float]:
+    """Mean Dice and HD95 (voxels) of ``net`` over ``<root>/<split>.txt``, with the sliding window of testing.
 
     An empty prediction counts as Dice 0 and its HD95 as NaN (left out of the HD95 mean, never 0: the
     released code scored it as a perfect 0).
     """
     dataset = BraTS2019(cfg.root_path, split=split)
+    window = SlidingWindow(cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.sw_batch, amp=cfg.amp)
     net.eval()
     dices, hds = [], []
     for i in range(len(dataset)):
         sample = dataset[i]
         image = torch.as_tensor(np.asarray(sample["image"], dtype=np.float32))
-        if image.ndim == 3:
-            image = image[None]
         label = np.asarray(sample["label"]) > 0
-        pred = predict_volume_labels(
-            net, image.to(device), tuple(cfg.patch_size), cfg.stride_xy, cfg.stride_z,
-            batch_size=cfg.sw_batch, amp=cfg.amp,
-        )
-        pred = np.asarray(pred) > 0
+        pred, _, _ = predict_case(net, image.to(device), window, device)
+        pred = pred > 0
         dices.append(dice(pred, label))
         hds.append(hd95(pred, label))
     finite = [h for h in hds if not math.isnan(h)]

@@ -10,17 +10,20 @@ A method owns its loss (and a teacher, if it has one). The loop calls, per itera
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from utils.ema import create_ema_teacher, update_ema
 
-__all__ = ["Batch", "EMATeacherMethod", "Method"]
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
+
+__all__ = ["Batch", "EMATeacherMethod", "Method", "Passes"]
 
 
 @dataclass
@@ -41,21 +44,84 @@ class Batch:
         return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.labeled_bs)
 
 
+class Passes:
+    """How a method runs the forwards whose order or size it may change; this plain one runs them as asked.
+
+    In its low-memory order a method draws the student's random numbers before the teacher's passes
+    (:meth:`reserve_randomness`) and runs a chunk of teacher passes as forwards of fewer rows
+    (:meth:`forward_in_pieces`); both keep the random stream of the released order only where :meth:`can_reserve`
+    is True. This plain one cannot reserve, so a method keeps the released order with it; ``speed.prepare_training``
+    returns one that can for the U-Nets.
+    """
+
+    def around_teacher(self) -> AbstractContextManager[Any]:
+        """A context manager entered around a training step's no-grad teacher passes."""
+        return contextlib.nullcontext()
+
+    def can_reserve(self, net: nn.Module) -> bool:
+        """True if :meth:`reserve_randomness` and :meth:`forward_in_pieces` keep ``net``'s random stream."""
+        return False
+
+    def reserve_randomness(self, net: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
+        """Draw now the random numbers of ``net``'s next train-mode forward of ``input_shape``.
+
+        Raises:
+            ValueError: if :meth:`can_reserve` is False for ``net``.
+        """
+        raise ValueError(f"{type(self).__name__} cannot reserve the random numbers of {type(net).__name__}")
+
+    def forward_in_pieces(self, net: nn.Module, x: Tensor, rows: int,
+                          read: Callable[[Any], Tensor] | None = None) -> Any:
+        """``read(net(x))`` (``net(x)`` without ``read``); a subclass may run it in pieces of ``rows`` rows."""
+        out = net(x)
+        return out if read is None else read(out)
+
+
 class Method:
     """Base class: a student network and a loss over one batch.
 
     Args:
-        student: the network being trained (its parameters are what the optimiser updates).
-        cfg: the training configuration (``engine.config.TrainConfig``); methods read their
-            hyper-parameters from it.
+        student: the network being trained (its parameters are what the optimiser updates; the teacher copies it).
+        cfg: the training configuration; methods read their hyper-parameters from it.
+        passes: how the teacher's passes run (:class:`Passes`, the default, runs them as asked).
+        forward: what the student's forward in :meth:`training_step` calls, e.g. a DistributedDataParallel wrapper
+            of ``student``. Default: ``student`` itself.
     """
 
     name = "base"
     uses_unlabeled = True
+    default_model = "unet_3D_dt"
+    """The network ``--model`` defaults to for this method."""
 
-    def __init__(self, student: nn.Module, cfg: Any) -> None:
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None) -> None:
+        self.check_config(cfg)
         self.student = student
         self.cfg = cfg
+        self.passes = passes if passes is not None else Passes()
+        self.run_student = forward if forward is not None else student
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """Refuse options this method cannot train with; subclasses extend it (``engine.config.check_config``).
+
+        This base checks the range of every numeric option (``engine.config.check_ranges``).
+
+        Raises:
+            ValueError: naming the option, its value and what was expected.
+        """
+        from engine.config import check_ranges  # engine.config reaches the methods only inside functions
+
+        check_ranges(cfg)
+
+    @classmethod
+    def model_for(cls, cfg: TrainConfig) -> str:
+        """The network this method trains when ``--model`` is not given."""
+        return cls.default_model
+
+    def networks(self) -> list[nn.Module]:
+        """The networks whose forwards a step runs (the student, and the teacher if there is one)."""
+        return [self.student]
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Return the scalar loss to back-propagate and a dict of floats to log."""
@@ -84,22 +150,19 @@ class EMATeacherMethod(Method):
     before calling this constructor, so an invalid configuration fails before the copy.
 
     Args:
-        student: the network being trained.
-        cfg: the training configuration; reads ``ema_decay``, ``noise_std`` and ``noise_clip``.
+        student, cfg, passes, forward: as :class:`Method`; reads ``ema_decay``, ``noise_std`` and ``noise_clip``.
         generator: optional RNG for the teacher's input noise (default: the global RNG).
-
-    Attributes:
-        around_teacher_passes: called with no arguments for a context manager that each step enters around its
-            teacher's no-grad passes. Default ``contextlib.nullcontext``; the trainer sets
-            ``utils.allocator.keeping_freed_memory`` on CPU with ``--keep_freed_memory 2``.
     """
 
-    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
-        super().__init__(student, cfg)
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg, passes, forward)
         self.generator = generator
         self.teacher = create_ema_teacher(student)
         self.teacher.train()
-        self.around_teacher_passes: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+
+    def networks(self) -> list[nn.Module]:
+        return [self.student, self.teacher]
 
     def _noisy(self, image: Tensor) -> Tensor:
         """x + clamp(sigma * N(0, 1), -c, c)."""

@@ -18,18 +18,20 @@ but leaves it out of its loss, ``Dice + 0.3 * L_sdf``). ``sdf_weight`` is DTC's 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
-from methods.supervised import check_consistency_options, consistency_rows, floats_for_log, row_slice
+from methods.base import Batch, Method, Passes
+from methods.supervised import check_consistency_rows, consistency_rows, floats_for_log, row_slice
 from methods.ugmcl import ground_truth_sdf
 from networks.unet_3D import unet_3D_dt
 from utils.losses import ce_loss, cross_task_consistency, dice_loss, sdf_regression_loss, sdf_to_mask
 from utils.ramps import consistency_weight
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["DTC", "dtc_objective"]
 
@@ -127,8 +129,18 @@ class DTC(Method):
     logged = ("supervised_loss", "loss_ce", "loss_dice", "loss_sdf", "consistency_dist", "consistency_loss",
               "consistency_weight")
 
-    def __init__(self, student: nn.Module, cfg: Any) -> None:
-        super().__init__(student, cfg)
+    default_model = "vnet_dt"
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        check_consistency_rows(cfg)
+        if cfg.num_classes != _NUM_CLASSES:
+            raise ValueError(f"DTC is two-class (background/foreground): --num_classes must be 2, got {cfg.num_classes}")
+
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None) -> None:
+        super().__init__(student, cfg, passes, forward)
         if isinstance(student, unet_3D_dt):
             # Its "distance" output is tanh(z): regressing it to the SDF (negative inside class c) pushes z_c down
             # where the cross entropy pushes it up, so the two supervised terms would fight.
@@ -136,23 +148,14 @@ class DTC(Method):
                 "--method dtc needs a network with a separate SDF head such as --model vnet_dt; unet_3D_dt's distance "
                 "output is tanh of its own logits, which the SDF regression would drive against the segmentation"
             )
-        check_consistency_options(cfg)
-        if cfg.num_classes != _NUM_CLASSES:
-            raise ValueError(
-                f"DTC is two-class (background/foreground): num_classes must be 2, found {cfg.num_classes}"
-            )
-        self.sdf_weight = float(getattr(cfg, "dtc_sdf_weight", 0.3))
-        if not math.isfinite(self.sdf_weight) or self.sdf_weight < 0:
-            raise ValueError(f"dtc_sdf_weight must be a number >= 0, but found {self.sdf_weight}")
-        if not math.isfinite(cfg.sdf_k) or cfg.sdf_k <= 0:
-            raise ValueError(f"sdf_k must be a positive number, but found {cfg.sdf_k}")
+        self.sdf_weight = cfg.dtc_sdf_weight
         self.rows = consistency_rows(cfg, _RELEASED_ROWS)
         self._last_dis_mask: Tensor | None = None
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the whole batch, ground-truth SDF of the labelled rows, the objective."""
         cfg = self.cfg
-        output = self.student(batch.image)
+        output = self.run_student(batch.image)
         if not (isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output)):
             found = f"a {type(output).__name__} of length {len(output)}" if isinstance(output, (tuple, list)) else (
                 type(output).__name__

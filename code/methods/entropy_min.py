@@ -10,23 +10,26 @@ unlabelled rows only. The weight ramp w(t) is the one of Mean Teacher / UG-MCL.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, Method, Passes
 from methods.supervised import (
     DiceMode,
-    check_consistency_options,
+    check_consistency_rows,
     consistency_rows,
     floats_for_log,
     row_slice,
-    segmentation_logits,
     supervised_terms,
 )
+from networks.outputs import segmentation_logits
 from utils.losses import entropy_loss
 from utils.ramps import consistency_weight
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["EntropyMinimization", "entropy_min_objective"]
 
@@ -88,15 +91,20 @@ class EntropyMinimization(Method):
     uses_unlabeled = True
     logged = ("supervised_loss", "loss_ce", "loss_dice", "entropy", "entropy_loss", "consistency_weight")
 
-    def __init__(self, student: nn.Module, cfg: Any) -> None:
-        super().__init__(student, cfg)
-        check_consistency_options(cfg)
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        check_consistency_rows(cfg)
+
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None) -> None:
+        super().__init__(student, cfg, passes, forward)
         self.rows = consistency_rows(cfg, _RELEASED_ROWS)
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the whole batch, then the objective."""
         cfg = self.cfg
-        logits = segmentation_logits(self.student(batch.image), self.name)
+        logits = segmentation_logits(self.run_student(batch.image), self.name)
         terms = entropy_min_objective(
             logits,
             batch.label,

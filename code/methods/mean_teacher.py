@@ -13,23 +13,26 @@ batch, as UG-MCL does for its own consistency. The teacher runs on the rows of R
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, EMATeacherMethod
+from methods.base import Batch, EMATeacherMethod, Passes
 from methods.supervised import (
     DiceMode,
-    check_consistency_options,
+    check_consistency_rows,
     consistency_rows,
     floats_for_log,
     row_slice,
-    segmentation_logits,
     supervised_terms,
 )
+from networks.outputs import segmentation_logits
 from utils.losses import softmax_mse
 from utils.ramps import consistency_weight
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["MeanTeacher", "mean_teacher_objective"]
 
@@ -99,13 +102,14 @@ class MeanTeacher(EMATeacherMethod):
     logged: tuple[str, ...] = ("supervised_loss", "loss_ce", "loss_dice", "consistency_dist", "consistency_loss",
                                "consistency_weight")
 
-    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
-        check_consistency_options(cfg)
-        if not 0.0 <= cfg.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], but found {cfg.ema_decay}")
-        if cfg.noise_std < 0 or cfg.noise_clip < 0:
-            raise ValueError(f"noise_std and noise_clip must be >= 0, but found {cfg.noise_std} and {cfg.noise_clip}")
-        super().__init__(student, cfg, generator)
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        check_consistency_rows(cfg)
+
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg, passes, forward, generator)
         self.rows = consistency_rows(cfg, self.released_rows)
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -113,8 +117,8 @@ class MeanTeacher(EMATeacherMethod):
         cfg = self.cfg
         self._prepare_teacher(batch.image)
         sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
-        student_logits = segmentation_logits(self.student(batch.image), self.name)
-        with self.around_teacher_passes(), torch.no_grad():
+        student_logits = segmentation_logits(self.run_student(batch.image), self.name)
+        with self.passes.around_teacher(), torch.no_grad():
             teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
         terms = mean_teacher_objective(
             student_logits,

@@ -8,30 +8,32 @@ patches. With z the segmentation logits of the labelled rows, p = softmax(z), y 
 ``Dice_C`` is SSL4MIS's ``DiceLoss(C)`` (every class, background included, each pooled over the batch); the UA-MT /
 UG-MCL / DTC code uses the foreground term ``Dice(p_1, 1[y = 1])`` alone (``dice="foreground"``).
 
-Shared helpers: :func:`segmentation_logits` (the logits of a single-output or dual-task network, or a clear
-error), :func:`supervised_terms`, :func:`consistency_rows` (which rows an unsupervised term covers),
-:func:`check_consistency_options` and :func:`floats_for_log`.
+Shared helpers: :func:`supervised_terms`, :func:`consistency_rows` (which rows an unsupervised term covers),
+:func:`check_consistency_rows` and :func:`floats_for_log`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, Method, Passes
+from networks.outputs import segmentation_logits
 from utils.losses import ce_loss, dice_loss, multiclass_dice_loss
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = [
     "CONSISTENCY_ROWS",
     "DiceMode",
     "Supervised",
-    "check_consistency_options",
+    "check_consistency_rows",
     "consistency_rows",
     "floats_for_log",
     "row_slice",
-    "segmentation_logits",
     "supervised_objective",
     "supervised_terms",
 ]
@@ -42,29 +44,6 @@ CONSISTENCY_ROWS: tuple[str, ...] = ("released", "all", "unlabeled")
 or ``"unlabeled"`` (rows ``labeled_bs:`` only)."""
 
 Term = Union[Tensor, float]
-
-
-def segmentation_logits(output: Any, method: str) -> Tensor:
-    """The segmentation logits of a network output: the tensor itself, or z of a dual-task ``(dis, z)``.
-
-    Args:
-        output: what the network returned.
-        method: the ``--method`` name, for the error message.
-    Raises:
-        ValueError: for any other output form (e.g. the four maps of ``unet_3D_ds``).
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output):
-        return output[1]
-    found = f"a {type(output).__name__} of length {len(output)}" if isinstance(output, (tuple, list)) else type(
-        output
-    ).__name__
-    hint = " (unet_3D_ds is for --method urpc)" if isinstance(output, (tuple, list)) and len(output) > 2 else ""
-    raise ValueError(
-        f"--method {method} needs a --model returning logits or (dis, logits), such as unet_3D, unet_3D_dt, vnet "
-        f"or vnet_dt; the network returned {found}{hint}"
-    )
 
 
 def row_slice(batch: int, labeled_bs: int, rows: str) -> slice:
@@ -84,27 +63,19 @@ def row_slice(batch: int, labeled_bs: int, rows: str) -> slice:
     raise ValueError(f"rows must be 'all' or 'unlabeled', but found {rows!r}")
 
 
-def consistency_rows(cfg: Any, released: str) -> str:
+def consistency_rows(cfg: TrainConfig, released: str) -> str:
     """Resolve the ``consistency_rows`` option (``"released"`` -> the method's reference choice ``released``)."""
-    rows = getattr(cfg, "consistency_rows", "released")
-    if rows not in CONSISTENCY_ROWS:
-        raise ValueError(f"consistency_rows must be one of {CONSISTENCY_ROWS}, but found {rows!r}")
-    return released if rows == "released" else rows
+    return released if cfg.consistency_rows == "released" else cfg.consistency_rows
 
 
-def check_consistency_options(cfg: Any) -> None:
-    """Refuse invalid consistency-weight options before the first iteration.
+def check_consistency_rows(cfg: TrainConfig) -> None:
+    """Refuse a ``consistency_rows`` value that is not one of :data:`CONSISTENCY_ROWS`.
 
     Raises:
         ValueError: naming the option and the value found.
     """
-    if cfg.num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, but found {cfg.num_classes}")
-    if cfg.consistency_interval < 1:
-        raise ValueError(f"consistency_interval must be >= 1, but found {cfg.consistency_interval}")
-    if cfg.consistency_rampup < 0:
-        raise ValueError(f"consistency_rampup must be >= 0, but found {cfg.consistency_rampup}")
-    consistency_rows(cfg, "all")
+    if cfg.consistency_rows not in CONSISTENCY_ROWS:
+        raise ValueError(f"--consistency_rows must be one of {CONSISTENCY_ROWS}, got {cfg.consistency_rows!r}")
 
 
 def supervised_terms(logits: Tensor, label: Tensor, dice: DiceMode = "classes") -> dict[str, Tensor]:
@@ -168,25 +139,23 @@ class Supervised(Method):
     segmentation logits are used, the distance output is ignored). Reads ``num_classes`` from the config.
 
     Args:
-        student: the network.
-        cfg: the training configuration.
+        student, cfg, passes, forward: as :class:`methods.base.Method`.
     Raises:
-        ValueError: if ``num_classes`` < 2; at the first step, if the network's output is neither logits nor
-            ``(dis, logits)``.
+        ValueError: at the first step, if the network's output is not logits, ``(dis, logits)`` or deep
+            supervision maps.
     """
 
     name = "supervised"
     uses_unlabeled = False
 
-    def __init__(self, student: nn.Module, cfg: Any) -> None:
-        super().__init__(student, cfg)
-        if cfg.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, but found {cfg.num_classes}")
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None) -> None:
+        super().__init__(student, cfg, passes, forward)
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the labelled rows only, then 0.5 (CE + Dice)."""
         lb = batch.labeled_bs
-        logits = segmentation_logits(self.student(batch.image[:lb]), self.name)
+        logits = segmentation_logits(self.run_student(batch.image[:lb]), self.name)
         terms = supervised_objective(logits, batch.label[:lb], lb)
         logs = floats_for_log(terms, ("supervised_loss", "loss_ce", "loss_dice"))
         return terms["loss"], logs  # type: ignore[return-value]

@@ -14,17 +14,21 @@ Released: start 0.75, end 1.0, threshold_rampup = max_iterations, T = 8 passes r
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch
+from methods.base import Batch, Passes
 from methods.mean_teacher import MeanTeacher
-from methods.supervised import DiceMode, floats_for_log, row_slice, segmentation_logits, supervised_terms
+from methods.supervised import DiceMode, floats_for_log, row_slice, supervised_terms
+from networks.outputs import segmentation_logits
 from utils.losses import masked_consistency, softmax_mse
 from utils.ramps import consistency_weight
 from utils.uncertainty import mc_dropout_uncertainty, uncertainty_threshold
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["UAMT", "uamt_objective"]
 
@@ -100,16 +104,9 @@ class UAMT(MeanTeacher):
     name = "uamt"
     logged = MeanTeacher.logged + ("threshold", "mask_ratio", "uncertainty_mean")
 
-    def __init__(self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None) -> None:
-        super().__init__(student, cfg, generator)
-        if cfg.mc_passes < 1:
-            raise ValueError(f"mc_passes must be >= 1, but found {cfg.mc_passes}")
-        if cfg.mc_chunk < 0:
-            raise ValueError(f"mc_chunk must be >= 0 (0 = all passes at once), but found {cfg.mc_chunk}")
-        if cfg.threshold_rampup is not None and cfg.threshold_rampup < 0:
-            raise ValueError(
-                f"threshold_rampup must be >= 0 or None (= max_iterations), but found {cfg.threshold_rampup}"
-            )
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg, passes, forward, generator)
         self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
         self._last_uncertainty: Tensor | None = None
 
@@ -118,8 +115,8 @@ class UAMT(MeanTeacher):
         cfg = self.cfg
         self._prepare_teacher(batch.image)
         sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
-        student_logits = segmentation_logits(self.student(batch.image), self.name)
-        with self.around_teacher_passes():
+        student_logits = segmentation_logits(self.run_student(batch.image), self.name)
+        with self.passes.around_teacher():
             with torch.no_grad():
                 teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
             uncertainty, _ = mc_dropout_uncertainty(

@@ -26,13 +26,13 @@ Both variants assume a two-class (background / foreground) segmentation, as the 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, Union, cast
+from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, EMATeacherMethod
+from methods.base import Batch, EMATeacherMethod, Passes
+from networks.outputs import segmentation_logits
 from utils.losses import (
     ce_loss,
     cross_task_consistency,
@@ -45,6 +45,9 @@ from utils.losses import (
 from utils.ramps import consistency_weight
 from utils.sdf import compute_sdf_torch
 from utils.uncertainty import mc_dropout_uncertainty, uncertainty_threshold
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["UGMCL", "VARIANTS", "Variant", "ground_truth_sdf", "ugmcl_objective"]
 
@@ -253,34 +256,24 @@ class UGMCL(EMATeacherMethod):
 
     Reads ``variant``, ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``mc_passes``,
     ``mc_chunk``, ``noise_std``, ``noise_clip``, ``threshold_start``, ``threshold_end``, ``threshold_rampup``
-    (``None``: ``max_iterations``), ``sdf_k``, ``ema_decay``, ``beta`` and ``num_classes`` (must be 2).
+    (``None``: ``max_iterations``), ``sdf_k``, ``ema_decay``, ``beta``, ``low_memory`` and ``num_classes`` (2).
 
-    The teacher is created here as a copy of the student and stays in train mode (dropout on), as released.
-    It follows the student to the batch's device on the first step if the student was moved after this
-    constructor ran.
+    The teacher is a copy of the student and stays in train mode (dropout on), as released.
 
-    Order of work in a step: as released, the student's forward, then the teacher's noisy pass and its T
-    Monte-Carlo passes, ``mc_chunk`` passes (``mc_chunk * B`` rows) per forward. With ``low_memory`` (default)
-    and a network that can draw its dropout masks ahead (``draw_dropout_masks``, as ``unet_3D_dt`` does):
+    Order of work in a step, one switch (``low_memory``):
 
-    * the student's masks are drawn first and the teacher's passes run before the student's forward, so the
-      teacher's temporaries and the student's saved activations are never alive together;
-    * each chunk of Monte-Carlo passes runs as forwards of B rows, with the masks drawn for the whole chunk;
-    * every forward takes masks drawn ahead (the teacher's noisy target pass too), which on CPU
-      :func:`networks.dropout_masks.bernoulli_mask` draws faster than ``F.dropout`` would, with the same values.
-
-    On CPU the random numbers, masks and losses stay those of the released order, bit for bit. On CUDA they do not:
-    the masks drawn ahead use other Philox offsets than ``F.dropout`` (measured on an H200), so the run is a
-    different, equally valid random draw, like another seed; ``low_memory=False`` keeps the released stream.
-    The peak memory drops to about that of the student's forward and backward alone.
+    * released (``low_memory=0``, or passes that cannot reserve the student's random numbers): the student's
+      forward, then the teacher's noisy pass and its T Monte-Carlo passes, ``mc_chunk`` passes (``mc_chunk * B``
+      rows) per forward;
+    * low-memory (default): the student's random numbers are reserved first (``Passes.reserve_randomness``), the
+      teacher's passes run before the student's forward and each chunk runs as forwards of B rows
+      (``Passes.forward_in_pieces``), so the teacher's temporaries and the student's saved activations are never
+      alive together. The random numbers, masks and losses are those of the released order on CPU; on CUDA the
+      masks drawn ahead use other random offsets, which gives another, equally valid random draw.
 
     Args:
         student: dual-task network returning ``(dis, logits)`` (``unet_3D_dt``; ``VNet_dt`` for the paper variant).
-        cfg: the training configuration.
-        generator: optional RNG for the teacher's input noise (default: the global RNG).
-        low_memory: reorder and split the work as above when the networks support it. Default: ``cfg.low_memory``
-            (1, on). On a GPU with memory to spare the released order with ``mc_chunk=0`` is faster (H200, 96^3,
-            batch 4, bf16: 0.158 s against 0.207 s per step, 15.4 GB against 2.6 GB).
+        cfg, passes, forward, generator: as :class:`methods.base.EMATeacherMethod`.
     Raises:
         ValueError: for an invalid option or combination.
     """
@@ -288,34 +281,35 @@ class UGMCL(EMATeacherMethod):
     name = "ugmcl"
     uses_unlabeled = True
 
-    def __init__(
-        self, student: nn.Module, cfg: Any, generator: torch.Generator | None = None, low_memory: bool | None = None
-    ) -> None:
-        _check_config(cfg)
-        super().__init__(student, cfg, generator)
-        self.low_memory = bool(getattr(cfg, "low_memory", True)) if low_memory is None else low_memory
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__(student, cfg, passes, forward, generator)
         self.threshold_rampup = cfg.max_iterations if cfg.threshold_rampup is None else cfg.threshold_rampup
         self._last_uncertainty: Tensor | None = None
 
-    def _teacher_targets(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @classmethod
+    def model_for(cls, cfg: TrainConfig) -> str:
+        """``unet_3D_dt`` as released; ``vnet_dt`` (a separate SDF head) for the paper variant."""
+        return "vnet_dt" if cfg.variant == "paper" else "unet_3D_dt"
+
+    def _low_memory_order(self) -> bool:
+        return bool(self.cfg.low_memory) and self.student.training and self.passes.can_reserve(self.student)
+
+    def _teacher_targets(self, image: Tensor, low_memory: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher's ``(dis, logits)`` on one noisy pass, then the uncertainty U of its T noisy passes."""
-        cfg = self.cfg
-        with self.around_teacher_passes():
+        cfg, rows = self.cfg, image.shape[0]
+
+        def run(x: Tensor, read: Any = None) -> Any:
+            if low_memory:
+                return self.passes.forward_in_pieces(self.teacher, x, rows, read)
+            return self.teacher(x) if read is None else read(self.teacher(x))
+
+        with self.passes.around_teacher():
             with torch.no_grad():
-                noisy = self._noisy(image)
-                draw_masks = getattr(self.teacher, "draw_dropout_masks", None)
-                if self.low_memory and callable(draw_masks):
-                    draw_masks(noisy.shape, device=noisy.device)  # the masks F.dropout would draw, faster on CPU
-                teacher_dis, teacher_logits = _dual_output(self.teacher(noisy), "teacher")
+                teacher_dis, teacher_logits = _dual_output(run(self._noisy(image)), "teacher")
             uncertainty, _ = mc_dropout_uncertainty(
-                self.teacher,
-                image,
-                passes=cfg.mc_passes,
-                noise_std=cfg.noise_std,
-                noise_clip=cfg.noise_clip,
-                chunk=cfg.mc_chunk,
-                generator=self.generator,
-                max_rows=image.shape[0] if self.low_memory else 0,
+                self.teacher, image, passes=cfg.mc_passes, noise_std=cfg.noise_std, noise_clip=cfg.noise_clip,
+                chunk=cfg.mc_chunk, generator=self.generator, forward=lambda x: run(x, segmentation_logits),
             )
         return teacher_dis, teacher_logits, uncertainty
 
@@ -324,26 +318,17 @@ class UGMCL(EMATeacherMethod):
         cfg = self.cfg
         image, label = batch.image, batch.label
         self._prepare_teacher(image)
-
-        draw_masks = getattr(getattr(self.student, "module", self.student), "draw_dropout_masks", None)
-        if self.low_memory and callable(draw_masks) and self.student.training:
-            # The student's dropout masks are drawn first, where its forward would draw them, so the teacher passes
-            # get the same random numbers as in the original order and the student the same masks; meanwhile the
-            # student's saved activations are not yet alive, so the peak memory is max(teacher, student), not sum.
-            draw_masks(image.shape, device=image.device)
-            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image)
-            student_dis, student_logits = _dual_output(self.student(image), "student")
+        if self._low_memory_order():
+            # the student's dropout draws happen where its forward would draw them: the teacher's passes get the
+            # random numbers of the released order, and the student's saved activations are not yet alive
+            self.passes.reserve_randomness(self.student, image.shape)
+            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image, low_memory=True)
+            student_dis, student_logits = _dual_output(self.run_student(image), "student")
         else:
-            student_dis, student_logits = _dual_output(self.student(image), "student")
-            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image)
+            student_dis, student_logits = _dual_output(self.run_student(image), "student")
+            teacher_dis, teacher_logits, uncertainty = self._teacher_targets(image, low_memory=False)
         terms = ugmcl_objective(
-            student_dis,
-            student_logits,
-            teacher_logits,
-            uncertainty,
-            label,
-            batch.labeled_bs,
-            step,
+            student_dis, student_logits, teacher_logits, uncertainty, label, batch.labeled_bs, step,
             threshold_rampup=self.threshold_rampup,
             consistency=cfg.consistency,
             consistency_rampup=cfg.consistency_rampup,
@@ -351,47 +336,33 @@ class UGMCL(EMATeacherMethod):
             threshold_start=cfg.threshold_start,
             threshold_end=cfg.threshold_end,
             sdf_k=cfg.sdf_k,
-            variant=cfg.variant,
+            variant=cfg.variant,  # type: ignore[arg-type]
             beta=cfg.beta,
             teacher_dis=teacher_dis if cfg.variant == "paper" else None,
         )
         self._last_uncertainty = uncertainty[0, 0].detach()
-
-        names = [k for k in _LOGGED if k in terms]
-        values = [terms[k].detach().float() for k in names]  # type: ignore[union-attr]
-        names += ["mask_ratio", "uncertainty_mean"]
-        values += [terms["mask"].mean().float(), uncertainty.mean().float()]  # type: ignore[union-attr]
-        logs = dict(zip(names, torch.stack(values).tolist()))  # one device sync for all
-        logs["consistency_weight"] = float(terms["consistency_weight"])
-        logs["threshold"] = float(terms["threshold"])
-        return terms["loss"], logs  # type: ignore[return-value]
+        return terms["loss"], _logs(terms, uncertainty)  # type: ignore[return-value]
 
     def images_to_log(self) -> dict[str, Tensor]:
         """The last step's uncertainty U of sample 0, (D, H, W)."""
         return {} if self._last_uncertainty is None else {"uncertainty": self._last_uncertainty}
 
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """The options of every method (:meth:`methods.base.Method.check_config`), then UG-MCL's own."""
+        super().check_config(cfg)
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
+        if cfg.num_classes != _NUM_CLASSES:
+            raise ValueError(f"UG-MCL is two-class (background/foreground): --num_classes must be 2, got {cfg.num_classes}")
 
-def _check_config(cfg: Any) -> None:
-    """Refuse invalid UG-MCL options before the first iteration."""
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, but found {cfg.variant!r}")
-    if cfg.num_classes != _NUM_CLASSES:
-        raise ValueError(f"UG-MCL is two-class (background/foreground): num_classes must be 2, found {cfg.num_classes}")
-    if cfg.mc_passes < 1:
-        raise ValueError(f"mc_passes must be >= 1, but found {cfg.mc_passes}")
-    if cfg.mc_chunk < 0:
-        raise ValueError(f"mc_chunk must be >= 0 (0 = all passes at once), but found {cfg.mc_chunk}")
-    if cfg.noise_std < 0 or cfg.noise_clip < 0:
-        raise ValueError(f"noise_std and noise_clip must be >= 0, but found {cfg.noise_std} and {cfg.noise_clip}")
-    if cfg.consistency_interval < 1:
-        raise ValueError(f"consistency_interval must be >= 1, but found {cfg.consistency_interval}")
-    if cfg.consistency_rampup < 0:
-        raise ValueError(f"consistency_rampup must be >= 0, but found {cfg.consistency_rampup}")
-    if cfg.threshold_rampup is not None and cfg.threshold_rampup < 0:
-        raise ValueError(f"threshold_rampup must be >= 0 or None (= max_iterations), but found {cfg.threshold_rampup}")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1], but found {cfg.ema_decay}")
-    if not 0.0 <= cfg.beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], but found {cfg.beta}")
-    if not math.isfinite(cfg.sdf_k) or cfg.sdf_k <= 0:
-        raise ValueError(f"sdf_k must be a positive number, but found {cfg.sdf_k}")
+def _logs(terms: dict[str, Term], uncertainty: Tensor) -> dict[str, float]:
+    """The logged floats of a step, read from the device with one synchronisation."""
+    names = [k for k in _LOGGED if k in terms]
+    values = [terms[k].detach().float() for k in names]  # type: ignore[union-attr]
+    names += ["mask_ratio", "uncertainty_mean"]
+    values += [terms["mask"].mean().float(), uncertainty.mean().float()]  # type: ignore[union-attr]
+    logs = dict(zip(names, torch.stack(values).tolist()))
+    logs["consistency_weight"] = float(terms["consistency_weight"])
+    logs["threshold"] = float(terms["threshold"])
+    return logs

@@ -20,15 +20,15 @@ Validation and testing use the first output z_1 (the finest level), as SSL4MIS's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, Method, Passes
 from methods.supervised import (
     DiceMode,
-    check_consistency_options,
+    check_consistency_rows,
     consistency_rows,
     floats_for_log,
     row_slice,
@@ -36,6 +36,9 @@ from methods.supervised import (
 )
 from utils.losses import kl_divergence_map, uncertainty_rectified_consistency
 from utils.ramps import consistency_weight
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
 
 __all__ = ["URPC", "urpc_objective"]
 
@@ -140,16 +143,23 @@ class URPC(Method):
     logged = ("supervised_loss", "loss_ce", "loss_dice", "consistency_dist", "consistency_loss", "consistency_weight",
               "uncertainty_mean")
 
-    def __init__(self, student: nn.Module, cfg: Any) -> None:
-        super().__init__(student, cfg)
-        check_consistency_options(cfg)
+    default_model = "unet_3D_ds"
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        check_consistency_rows(cfg)
+
+    def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
+                 forward: nn.Module | None = None) -> None:
+        super().__init__(student, cfg, passes, forward)
         self.rows = consistency_rows(cfg, _RELEASED_ROWS)
         self._last_uncertainty: Tensor | None = None
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the whole batch (all K levels), then the objective."""
         cfg = self.cfg
-        levels = _pyramid(self.student(batch.image))
+        levels = _pyramid(self.run_student(batch.image))
         terms = urpc_objective(
             levels,
             batch.label,

@@ -17,9 +17,12 @@ __all__ = ["segmentation_logits"]
 NetworkOutput = Union[Tensor, Sequence[Tensor]]
 
 
-def segmentation_logits(output: NetworkOutput) -> Tensor:
+def segmentation_logits(output: NetworkOutput, who: str | None = None) -> Tensor:
     """The ``(B, K, D, H, W)`` segmentation logits of ``output`` (see the module docstring).
 
+    Args:
+        output: what a network returned.
+        who: names the caller in the error message (e.g. the ``--method``).
     Raises:
         ValueError: for an empty sequence or anything that is not a tensor or a sequence of tensors.
     """
@@ -27,5 +30,6 @@ def segmentation_logits(output: NetworkOutput) -> Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and all(isinstance(o, Tensor) for o in output):
         return output[1] if len(output) == 2 else output[0]
-    raise ValueError(f"cannot read segmentation logits from a network output of type {type(output).__name__}"
+    prefix = f"--method {who}: " if who else ""
+    raise ValueError(f"{prefix}cannot read segmentation logits from a network output of type {type(output).__name__}"
                      + (f" with {len(output)} elements" if isinstance(output, (tuple, list)) else ""))

@@ -61,7 +61,7 @@ def mc_dropout_uncertainty(
     generator: torch.Generator | None = None,
     logits_fn: Callable[[object], Tensor] | None = None,
     eps: float = _LOG_EPS,
-    max_rows: int = 0,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Entropy of the teacher's mean softmax over ``passes`` noisy, dropout-on forward passes.
 
@@ -83,16 +83,13 @@ def mc_dropout_uncertainty(
             ``None`` uses the global RNG.
         logits_fn: maps the network output to its (B, C, D, H, W) logits.
         eps: added inside the log (1e-6 as released).
-        max_rows: largest batch per forward pass; 0 (default) = ``chunk * B``. For a teacher that can draw its
-            dropout masks ahead (``draw_dropout_masks``, as ``networks.unet_3D.unet_3D_dt``), a chunk is then run
-            in forwards of at most ``max_rows`` rows with the masks drawn for the whole chunk: the same random
-            numbers and masks as one forward of the chunk, at the peak memory of ``max_rows`` rows. Other
-            teachers ignore it (splitting would change their masks).
+        forward: maps one chunk's stacked noisy batch (chunk * B, C_in, D, H, W) to its logits; default
+            ``logits_fn(teacher(x))``. A caller can run the chunk in smaller pieces with it (``methods.base.Passes``).
     Returns:
         ``(uncertainty, mean_prob)``: (B, 1, D, H, W) and (B, C, D, H, W).
     Raises:
-        ValueError: if ``passes`` < 1, ``chunk`` < 0, ``max_rows`` < 0, ``noise_clip`` < 0 or the teacher's output
-            rows do not match its input batch.
+        ValueError: if ``passes`` < 1, ``chunk`` < 0, ``noise_clip`` < 0 or the teacher's output rows do not match
+            its input batch.
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, but found {passes}")
@@ -100,9 +97,8 @@ def mc_dropout_uncertainty(
         raise ValueError(f"chunk must be >= 0 (0 = all passes at once), but found {chunk}")
     if noise_clip < 0:
         raise ValueError(f"noise_clip must be >= 0, but found {noise_clip}")
-    if max_rows < 0:
-        raise ValueError(f"max_rows must be >= 0 (0 = a whole chunk per forward), but found {max_rows}")
     extract = logits_fn if logits_fn is not None else segmentation_logits
+    run = forward if forward is not None else (lambda x: extract(teacher(x)))
     chunk = passes if chunk == 0 else min(chunk, passes)
     batch = image.shape[0]
 
@@ -117,13 +113,7 @@ def mc_dropout_uncertainty(
         for start in range(0, passes, chunk):
             n = min(chunk, passes - start)
             noisy = (image.unsqueeze(0) + noise[start : start + n]).reshape(n * batch, *image.shape[1:])
-            draw_masks = getattr(teacher, "draw_dropout_masks", None)
-            if max_rows > 0 and callable(draw_masks):  # masks drawn ahead also for a chunk that fits one forward
-                draw_masks(noisy.shape, dtype=noisy.dtype, device=noisy.device)
-                pieces = [extract(teacher(rows)) for rows in noisy.split(max_rows)]
-                logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            else:
-                logits = extract(teacher(noisy))
+            logits = run(noisy)
             if logits.shape[0] != n * batch:
                 raise ValueError(
                     f"the teacher returned {logits.shape[0]} rows for an input of {n * batch} rows "

@@ -1,18 +1,12 @@
-"""Let glibc keep freed memory for reuse, so repeated large allocations on CPU stop page-faulting (issue #7).
+"""Let glibc keep freed memory for reuse, so repeated large allocations on CPU stop page-faulting.
 
-By default glibc serves each large block (every activation of a 3-D U-Net is tens to hundreds of MB) with a fresh
-``mmap`` and unmaps it when it is freed, so every iteration page-faults and the kernel zero-fills all of its memory
-again: ~40 % of a released-like CPU iteration is spent there. Raising the ``mmap`` threshold and the trim threshold
-(:func:`keep_freed_memory`) makes such blocks come from the heap and stay there for the next iteration; the
-heap then also holds blocks of every size the iteration used, so the peak RSS grows. :func:`keeping_freed_memory`
-does it only around the work that repeats the same allocations (the teacher's passes, a validation): most of the
-speed at about glibc's default peak RSS. Measured with ``bench/bench_train.py`` (2-core machine, 96^3, batch 4, T 8,
-fast network, 6 iterations, one run; identical losses): glibc's default 49.5 s per iteration and 3.85 GiB peak RSS,
-kept around the teacher's passes and trimmed after them (training's CPU default) 41.8 s and 3.66 GiB, kept
-throughout 38.5 s and 6.33 GiB.
-Sliding-window inference gains as much: a 144x176x144 volume in 10.5 s instead of 15.5 s (plain network, one window
-per pass; 7.9 s instead of 9.9 s with the fast network and 4), identical labels, peak RSS +0.1 / +0.4 GiB. The
-settings are process-wide, affect speed and memory only, and apply to glibc on Linux.
+By default glibc serves each large block (the activations of a 3-D U-Net are tens to hundreds of MB each) with a
+fresh ``mmap`` and unmaps it when it is freed, so every iteration page-faults and the kernel zero-fills its memory
+again. Raising the ``mmap`` threshold and the trim threshold (:func:`keep_freed_memory`) makes such blocks come from
+the heap and stay there for the next iteration; the heap then also holds blocks of every size the iteration used,
+so the peak RSS grows. :func:`keeping_freed_memory` does it only around the work that repeats the same allocations
+(the teacher's passes, a validation, the sliding window over one case). The settings are process-wide, change speed
+and memory only, and apply to glibc on Linux. Measurements: ``results/cpu.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from typing import Any
 __all__ = [
     "heap_free_bytes",
     "keep_freed_memory",
-    "keep_freed_memory_on_cpu",
     "keeping_freed_memory",
     "stop_keeping_freed_memory",
     "trim_freed_memory",
@@ -48,7 +41,7 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-@functools.cache  # find_library runs ldconfig in a subprocess: once per process, not once per training step
+@functools.cache  # find_library runs ldconfig in a subprocess: once per process
 def _libc() -> Any:
     """glibc as a ``ctypes`` library with ``mallopt``, or None where there is none."""
     try:
@@ -124,11 +117,9 @@ def keeping_freed_memory(trim_above: int = 1 << 30) -> Iterator[bool]:
     For work that repeats the same large allocations (the no-grad teacher passes of a training step), followed by
     work that keeps many large blocks alive at once (the student's forward and backward): the first stops
     page-faulting, and the second does not pile its blocks onto the heap. Without the trim, the student's blocks
-    still take the heap's free parts that fit them, so the teacher's next passes find the heap cut up and grow it:
-    at 96^3, batch 4 the peak RSS rose from 3.6 GiB after 3 iterations to 4.9 GiB after 6 (5.7 GiB in the training
-    loop). With it, 6 iterations peaked at 3.6 GiB (glibc's default: 3.9 GiB; kept throughout: 5.6 GiB after 3),
-    at 41.9 s per iteration against 38.2 s untrimmed. Small runs, whose heap holds less than ``trim_above`` free,
-    are not trimmed: at the demo's size trimming every step cost 16 %.
+    would take the heap's free parts that fit them, so the teacher's next passes would find the heap cut up and grow
+    it from step to step. A heap holding less than ``trim_above`` free is not trimmed (small runs, where trimming
+    every step costs more than it saves).
     """
     kept = keep_freed_memory()
     try:
@@ -137,12 +128,3 @@ def keeping_freed_memory(trim_above: int = 1 << 30) -> Iterator[bool]:
         if kept:
             stop_keeping_freed_memory()
             trim_freed_memory(trim_above)
-
-
-def keep_freed_memory_on_cpu(device_type: str, enabled: bool = True) -> bool:
-    """:func:`keep_freed_memory` for a run on ``device_type`` if ``enabled`` and that is ``"cpu"``; True if set.
-
-    ``test_3D_dt.py`` and ``predict.py`` call this once, after choosing their device (``--keep_freed_memory``, on by
-    default): on a GPU the large tensors do not live in glibc's heap, so nothing is changed there.
-    """
-    return device_type == "cpu" and enabled and keep_freed_memory()

@@ -1,13 +1,11 @@
-"""``bernoulli_mask``: the boolean dropout mask torch's ``bernoulli_`` would draw, drawn faster on CPU (issue #7).
+"""``bernoulli_mask``: the boolean dropout mask that torch's ``bernoulli_`` would draw, drawn with cheaper calls on CPU.
 
-On CPUs where torch runs its own ``bernoulli_(p)`` kernel (every CPU except Intel ones with MKL, which get a
-parallel MKL kernel), each element costs one 64-bit draw of torch's Mersenne Twister, turned into a 53-bit uniform
-``u`` in [0, 1), and the element is ``u < p``; the kernel is serial and spends most of its time per element outside
-the generator. A float64 ``uniform_`` turns the same draws into the same ``u`` faster, so comparing its output with
-``p`` gives the same mask and leaves the generator in the same state: the mask after a 96^3 U-Net's first block,
-for 8 rows (113 M elements), takes 0.56 s instead of 1.31 s (``bernoulli_`` and ``!= 0``) on the project's 2-core
-machine. Whether the two agree is checked once per dtype on a private generator; where they do not (MKL, a future
-torch), ``bernoulli_`` itself is used.
+On CPUs where torch runs its own ``bernoulli_(p)`` kernel (every CPU except Intel ones with MKL, which get MKL's
+kernel), each element costs one 64-bit draw of torch's Mersenne Twister, turned into a 53-bit uniform ``u`` in
+[0, 1), and the element is ``u < p``; that kernel is serial. A float64 ``uniform_`` turns the same draws into the
+same ``u`` in a vectorised loop, so comparing its output with ``p`` gives the same mask and leaves the generator in
+the same state. Whether the two agree is checked once per dtype on a private generator; where they do not (MKL, a
+future torch), ``bernoulli_`` itself is used. Timings are in ``results/cpu.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from torch import Tensor
 
 __all__ = ["bernoulli_mask"]
 
-_CHUNK = 1 << 20  # float64 scratch of 8 MB per draw; larger chunks are no faster
+_CHUNK = 1 << 20  # float64 scratch of 8 MB per draw
 _CHECK_SIZE = 4099  # odd, several vector widths long
 
 
