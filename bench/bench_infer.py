@@ -1,4 +1,4 @@
-"""Time sliding-window prediction of whole volumes with ``unet_3D_dt``: plain against the fast path (issue #7).
+"""Time sliding-window prediction of whole volumes with ``unet_3D_dt``: plain against the fast path.
 
 Run from the repository root::
 
@@ -13,7 +13,7 @@ For each volume shape, every combination of blending (uniform as released, gauss
 (``--sw_batch``, default 1 and 4) and network path is timed with ``utils.sliding_window.predict_volume_labels``:
 
 * ``plain``: the network as released (contiguous layout, ``InstanceNorm3d`` + ``ReLU`` modules);
-* ``fast``: ``fast=True``, a channels-last copy with the fused norm + ReLU step;
+* ``fast``: ``speed.make_fast`` on a copy: channels-last with the fused norm + ReLU step;
 * ``fast+amp`` (with ``--amp``): ``fast`` under bf16 autocast (fp16 on GPUs without bf16).
 
 ``--device cuda`` runs on the GPU (with cuDNN autotuning, after one warm-up per path and batch size).
@@ -54,7 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.allocator import keep_freed_memory  # noqa: E402
+from speed.allocator import keep_freed_memory  # noqa: E402
 from utils.device import check_device_argument  # noqa: E402
 
 
@@ -293,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc and not keep_freed_memory():
         print("mallopt is not available here; --malloc ignored", file=sys.stderr)
 
+    import copy
+
     import torch
 
     from networks.unet_3D import unet_3D_dt
+    from speed import make_fast
     from utils.device import get_device
     from utils.sliding_window import predict_volume_labels
 
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     net.eval()
 
     net.to(device)
+    fast_net = make_fast(copy.deepcopy(net))  # on any device here: the door itself keeps CUDA plain
     paths = ["plain", "fast"] + (["fast+amp"] if args.amp else [])
     if not volumes:
         for i in range(0, len(args.shapes), 3):
@@ -324,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(blend: str, sw_batch: int, path: str, volume: np.ndarray = volume) -> np.ndarray:
             return predict_volume_labels(
-                net, volume, (args.patch,) * 3, args.stride, args.stride, blend=blend, batch_size=sw_batch,
-                fast=path != "plain", amp=path == "fast+amp", device=device,
+                net if path == "plain" else fast_net, volume, (args.patch,) * 3, args.stride, args.stride,
+                blend=blend, batch_size=sw_batch, amp=path == "fast+amp", device=device,
             )
 
         # warm-up: oneDNN primitives and the allocator (one run); on CUDA cuDNN autotunes each shape and dtype

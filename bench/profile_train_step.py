@@ -66,23 +66,26 @@ def run_variant(args: argparse.Namespace, name: str, profile: bool) -> tuple[flo
     import torch
 
     from engine.config import TrainConfig
-    from engine.trainer import compile_forwards
     from methods.ugmcl import UGMCL
-    from networks.unet_3D import set_fused_norm, to_channels_last, unet_3D_dt
+    from networks.unet_3D import unet_3D_dt
+    from speed import SpeedOptions, make_fast, prepare_training
+    from speed.compile import compile_networks
     from utils.device import get_device
 
     v = parse_variant(name)
     device = get_device(args.device)
     torch.manual_seed(1337)
     cfg = TrainConfig(patch_size=(args.patch,) * 3, batch_size=args.batch, labeled_bs=args.labeled_bs,
-                      mc_passes=args.T, mc_chunk=v["mc_chunk"], feature_scale=args.feature_scale, max_iterations=30000)
+                      mc_passes=args.T, mc_chunk=v["mc_chunk"], feature_scale=args.feature_scale, max_iterations=30000,
+                      low_memory=int(v["low_memory"]))
     student = unet_3D_dt(feature_scale=args.feature_scale, n_classes=2, in_channels=1).to(device)
+    passes = prepare_training(student, SpeedOptions(keep_freed_memory=0), device).passes  # dropout drawn ahead
     if v["fast"]:
-        to_channels_last(set_fused_norm(student))
+        make_fast(student)  # on any device here: the door itself keeps CUDA plain
     student.train()
-    method = UGMCL(student, cfg, low_memory=v["low_memory"])
+    method = UGMCL(student, cfg, passes=passes)
     if v["compile"]:
-        compile_forwards(student, method)  # the trainer's own --compile 1; warm-up iterations compile
+        compile_networks(*method.networks())  # the trainer's own --compile 1; warm-up iterations compile
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     batch = _batch(args, device)
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16

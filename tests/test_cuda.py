@@ -19,7 +19,9 @@ from engine.config import TrainConfig
 from engine.trainer import logged_losses, train
 from methods.base import Batch
 from methods.ugmcl import UGMCL, ugmcl_objective
-from networks.unet_3D import instance_norm_relu, set_fused_norm, to_channels_last, unet_3D_dt
+from networks.unet_3D import unet_3D_dt
+from speed import SpeedOptions, make_fast, prepare_training
+from speed.fused_norm import instance_norm_relu
 from synthetic_h5 import write_synthetic_h5_dataset
 from utils.sliding_window import predict_volume_labels
 from utils.uncertainty import entropy_of_mean_softmax
@@ -45,7 +47,7 @@ def test_unet_3D_dt_on_cuda_reproduces_the_golden_outputs(golden_dir: Path, true
     net.load_state_dict(golden["state_dict"], strict=True)
     net = net.cuda().eval()
     if fast:
-        to_channels_last(set_fused_norm(net))
+        make_fast(net)
     with torch.no_grad():
         dis, logits = net(golden["input"].cuda())
     torch.testing.assert_close(logits.cpu(), golden["logits"], rtol=1e-4, atol=1e-4)
@@ -93,7 +95,7 @@ def _step_loss(amp: bool, fast: bool) -> float:
     torch.manual_seed(0)
     net = unet_3D_dt(feature_scale=8).cuda().train()
     if fast:
-        to_channels_last(set_fused_norm(net))
+        make_fast(net)
     cfg = TrainConfig(patch_size=(32, 32, 32), batch_size=2, labeled_bs=1, mc_passes=4, max_iterations=100)
     method = UGMCL(net, cfg)
     g = torch.Generator().manual_seed(1)
@@ -124,7 +126,7 @@ def test_training_on_cuda_with_amp_writes_outputs_that_load_on_cpu_and_resumes(t
     cfg = TrainConfig(
         root_path=str(tiny_root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
         max_iterations=4, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=2, save_interval=2,
-        num_workers=2, device="cuda", amp=True, fast_network=True, stride_xy=16, stride_z=16,
+        num_workers=2, device="cuda", amp=True, speed=SpeedOptions(fast_network=True), stride_xy=16, stride_z=16,
     )
     train(cfg, model_dir=tmp_path, progress=False, stop_after=2)
     out = tmp_path / "tiny_2" / "unet_3D_dt"
@@ -150,7 +152,8 @@ def test_sliding_window_labels_on_cuda_agree_with_cpu(true_fp32, amp: bool, fast
     image = rng.normal(size=(70, 52, 40)).astype(np.float32)
     kwargs = dict(patch=(32, 32, 32), stride_xy=16, stride_z=16, batch_size=2)
     cpu = predict_volume_labels(net, image, device="cpu", **kwargs)
-    gpu = predict_volume_labels(net, image, device="cuda", amp=amp, fast=fast, **kwargs)
+    on_gpu = make_fast(copy.deepcopy(net).cuda()) if fast else net  # the door leaves CUDA plain; forced here
+    gpu = predict_volume_labels(on_gpu, image, device="cuda", amp=amp, **kwargs)
     assert gpu.shape == cpu.shape == image.shape
     agreement = (gpu == cpu).mean()
     assert agreement > (0.97 if amp else 0.9999), agreement
@@ -187,8 +190,9 @@ def test_low_memory_order_on_cuda_gives_the_released_losses(true_fp32) -> None:
             torch.manual_seed(0)
             net = unet_3D_dt(feature_scale=8).cuda().train()
             cfg = TrainConfig(patch_size=(32, 32, 32), batch_size=2, labeled_bs=1, mc_passes=4, mc_chunk=2,
-                              max_iterations=100)
-            method = UGMCL(net, cfg, low_memory=low_memory)
+                              max_iterations=100, low_memory=int(low_memory))
+            passes = prepare_training(net, SpeedOptions(keep_freed_memory=0), torch.device("cuda")).passes
+            method = UGMCL(net, cfg, passes=passes)
             g = torch.Generator().manual_seed(1)
             image = torch.randn(2, 1, 32, 32, 32, generator=g)
             label = (image[:, 0] > 0.8).long()
@@ -241,7 +245,8 @@ def test_training_on_cuda_with_compile_gives_finite_losses_and_a_plain_best_mode
     cfg = TrainConfig(
         root_path=str(tiny_root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
         max_iterations=3, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=3, save_interval=3,
-        num_workers=2, device="cuda", amp=True, compile=1, deterministic=0, low_memory=0, mc_chunk=0,
+        num_workers=2, device="cuda", amp=True, speed=SpeedOptions(compile=True), deterministic=0, low_memory=0,
+        mc_chunk=0,
         stride_xy=16, stride_z=16,
     )
     train(cfg, model_dir=tmp_path, progress=False)

@@ -156,7 +156,7 @@ def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bo
 
 
 def check_ranges(cfg: TrainConfig) -> None:
-    """Check that every numeric option is a finite number in its range, and the patch and strides fit.
+    """Check that every numeric option is a finite number in its range.
 
     Raises:
         ConfigError: naming the option, its value and the range.
@@ -170,22 +170,13 @@ def check_ranges(cfg: TrainConfig) -> None:
         ok = ok and (high is None or value < high or (high_in and value == high))
         if not ok:
             raise ConfigError(f"--{name} must be in {_range_text(low, high, low_in, high_in)}, got {value!r}")
-    if len(cfg.patch_size) != 3 or any(p <= 0 or p % 16 for p in cfg.patch_size):
-        raise ConfigError(f"--patch_size must be three positive multiples of 16, got {list(cfg.patch_size)}")
-    px, py, pz = cfg.patch_size
-    for name, stride, side in (("stride_xy", cfg.stride_xy, min(px, py)), ("stride_z", cfg.stride_z, pz)):
-        if not isinstance(stride, int) or not 0 < stride <= side:
-            raise ConfigError(f"--{name} must be in [1, {side}] for the patch {list(cfg.patch_size)} (larger strides "
-                              f"leave gaps between the sliding windows), got {stride!r}")
-    if cfg.labeled_num < cfg.labeled_bs:
-        raise ConfigError(f"--labeled_num ({cfg.labeled_num}) is smaller than --labeled_bs ({cfg.labeled_bs})")
     if cfg.lr_schedule not in ("constant", "poly"):
         raise ConfigError(f"--lr_schedule must be 'constant' or 'poly', got {cfg.lr_schedule!r}")
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Reject impossible options before anything is built: the method's :meth:`~methods.base.Method.check_config`
-    (which checks the ranges first), and a batch that leaves room for unlabelled patches.
+    (which checks the ranges first), the patch and strides, and a batch that leaves room for unlabelled patches.
 
     Raises:
         ConfigError: naming the option, what was expected and what was found.
@@ -201,6 +192,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if len(cfg.patch_size) != 3 or any(p <= 0 or p % 16 for p in cfg.patch_size):
+        raise ConfigError(f"--patch_size must be three positive multiples of 16, got {list(cfg.patch_size)}")
+    px, py, pz = cfg.patch_size
+    for name, stride, side in (("stride_xy", cfg.stride_xy, min(px, py)), ("stride_z", cfg.stride_z, pz)):
+        if not isinstance(stride, int) or not 0 < stride <= side:
+            raise ConfigError(f"--{name} must be in [1, {side}] for the patch {list(cfg.patch_size)} (larger strides "
+                              f"leave gaps between the sliding windows), got {stride!r}")
+    if cfg.labeled_num < cfg.labeled_bs:
+        raise ConfigError(f"--labeled_num ({cfg.labeled_num}) is smaller than --labeled_bs ({cfg.labeled_bs})")
     if method.uses_unlabeled and cfg.batch_size <= cfg.labeled_bs:
         raise ConfigError(f"--batch_size ({cfg.batch_size}) must be larger than --labeled_bs ({cfg.labeled_bs}): "
                           "the rest of the batch holds the unlabelled patches")

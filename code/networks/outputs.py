@@ -17,19 +17,25 @@ __all__ = ["segmentation_logits"]
 NetworkOutput = Union[Tensor, Sequence[Tensor]]
 
 
-def segmentation_logits(output: NetworkOutput, who: str | None = None) -> Tensor:
+def segmentation_logits(output: NetworkOutput, method: str | None = None) -> Tensor:
     """The ``(B, K, D, H, W)`` segmentation logits of ``output`` (see the module docstring).
 
     Args:
         output: what a network returned.
-        who: names the caller in the error message (e.g. the ``--method``).
+        method: a training method's name: its loss takes logits or ``(dis, logits)`` only, so deep-supervision maps
+            are refused with a message naming it. None (default, prediction) reads all three forms.
     Raises:
-        ValueError: for an empty sequence or anything that is not a tensor or a sequence of tensors.
+        ValueError: for an empty sequence, anything that is not a tensor or a sequence of tensors, or (with
+            ``method``) three or more maps.
     """
+    is_maps = isinstance(output, (tuple, list)) and output and all(isinstance(o, Tensor) for o in output)
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and all(isinstance(o, Tensor) for o in output):
+    if is_maps and (len(output) == 2 or method is None):
         return output[1] if len(output) == 2 else output[0]
-    prefix = f"--method {who}: " if who else ""
-    raise ValueError(f"{prefix}cannot read segmentation logits from a network output of type {type(output).__name__}"
-                     + (f" with {len(output)} elements" if isinstance(output, (tuple, list)) else ""))
+    found = f"a {type(output).__name__}" + (f" of {len(output)} elements" if isinstance(output, (tuple, list)) else "")
+    if method is not None:
+        hint = " (unet_3D_ds is for --method urpc)" if is_maps else ""
+        raise ValueError(f"--method {method} needs a --model returning logits or (dis, logits), such as unet_3D, "
+                         f"unet_3D_dt, vnet or vnet_dt; the network returned {found}{hint}")
+    raise ValueError(f"cannot read segmentation logits from a network output of {found}")

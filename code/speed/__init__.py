@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import speed.compile as compile_support
 from methods.base import Passes
 from speed.allocator import keep_freed_memory, keeping_freed_memory
 from speed.compile import COMPILE_BACKEND, CompileError, check_compile_support, compile_networks
@@ -128,7 +129,7 @@ class TrainingSpeed:
         """``torch.compile`` the method's networks (student and teacher) when asked for."""
         if self.options.compile:
             compile_networks(*nets)
-            self.notes.append(f"torch.compile ({COMPILE_BACKEND}): {len(nets)} network(s) compile on first use")
+            self.notes.append(f"torch.compile ({compile_support.COMPILE_BACKEND}): {len(nets)} network(s) compile on first use")
 
 
 def _keep_memory_throughout(options: SpeedOptions, device: torch.device, notes: list[str]) -> None:

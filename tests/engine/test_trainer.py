@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,7 +12,8 @@ import pytest
 import torch
 
 from engine.config import TrainConfig
-from engine.trainer import TrainingError, logged_losses, train
+from engine.trainer import TrainingError, train
+from speed import SpeedOptions
 from synthetic_h5 import write_synthetic_h5_dataset
 
 CODE = Path(__file__).resolve().parents[2] / "code"
@@ -27,10 +27,12 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(root: Path, **overrides) -> TrainConfig:
+    """A CPU-sized configuration; ``fast_network``, ``keep_freed_memory`` and ``compile`` go into ``speed``."""
+    speed = {k: overrides.pop(k) for k in ("fast_network", "keep_freed_memory", "compile") if k in overrides}
     cfg = TrainConfig(
         root_path=str(root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
         max_iterations=4, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=2, save_interval=2,
-        num_workers=0, device="cpu", stride_xy=16, stride_z=16,
+        num_workers=0, device="cpu", stride_xy=16, stride_z=16, speed=SpeedOptions(**speed),
     )
     return replace(cfg, **overrides)
 
@@ -41,7 +43,7 @@ def test_a_short_run_writes_every_output(tiny_root: Path, tmp_path: Path) -> Non
     out = tmp_path / "tiny_2" / "unet_3D_dt"
     assert Path(summary["out_dir"]) == out
     assert (out / "log.txt").read_text().count("iteration ") >= 4
-    assert "glibc keeps freed memory for reuse during the teacher's passes" in (out / "log.txt").read_text()  # CPU
+    assert "chosen: glibc keeps freed memory during the teacher's passes" in (out / "log.txt").read_text()  # CPU
     assert json.loads((out / "config.json").read_text())["max_iterations"] == 4
     assert list((out / "log").glob("events.out.tfevents.*"))
     best = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True)
@@ -78,10 +80,14 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_root: Path, t
     [
         ({"patch_size": (32, 40, 32)}, "multiples of 16"),
         ({"batch_size": 2, "labeled_bs": 2}, "must be larger than --labeled_bs"),
-        ({"stride_xy": 48}, "or the sliding windows leave gaps"),
+        ({"stride_xy": 48}, "leave gaps between the sliding windows"),
+        ({"base_lr": -0.01}, r"--base_lr must be in \(0, inf\), got -0.01"),
+        ({"val_interval": 0}, r"--val_interval must be in \[1, inf\), got 0"),
+        ({"num_workers": -1}, r"--num_workers must be in \[0, inf\), got -1"),
+        ({"momentum": 1.0}, r"--momentum must be in \[0, 1\), got 1.0"),
+        ({"ema_decay": float("nan")}, r"--ema_decay must be in \[0, 1\], got nan"),
         ({"labeled_num": 50}, "larger than the training list"),
         ({"root_path": "/nonexistent/BraTS"}, "make demo"),
-        ({"compile": 1, "fast_network": True}, "--compile 1 and --fast_network do not go together"),
     ],
 )
 def test_bad_options_give_one_line_errors(tiny_root: Path, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -142,157 +148,36 @@ def test_supervised_part_of_the_loss_falls_when_overfitting_two_tiny_cases(tmp_p
     assert last < 0.6 * first, (first, last)
 
 
-def test_fast_network_option_trains_and_saves_a_plain_loadable_state_dict(tiny_root: Path, tmp_path: Path) -> None:
-    from networks.net_factory_3d import net_factory_3d
+def test_defaults_follow_the_patch_and_the_method_and_the_log_says_so(tiny_root: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(CODE))
+    from train_UGMCL_3D import build_parser, config_from_args
 
-    cfg = tiny_config(tiny_root, max_iterations=2, val_interval=2, fast_network=True)
+    cfg = config_from_args(build_parser().parse_args(["--patch_size", "32", "32", "48"]))
+    assert (cfg.stride_xy, cfg.stride_z, cfg.model) == (21, 32, "unet_3D_dt")  # two thirds of 32 and of 48
+    published = config_from_args(build_parser().parse_args([]))
+    assert (published.stride_xy, published.stride_z) == (64, 64)  # the released 96 -> 64
+    assert config_from_args(build_parser().parse_args(["--stride_xy", "8"])).stride_xy == 8  # given: kept
+    assert config_from_args(build_parser().parse_args(["--method", "dtc"])).model == "vnet_dt"
+    assert config_from_args(build_parser().parse_args(["--method", "urpc"])).model == "unet_3D_ds"
+    assert config_from_args(build_parser().parse_args(["--variant", "paper"])).model == "vnet_dt"
+    assert config_from_args(build_parser().parse_args(["--method", "dtc", "--model", "vnet"])).model == "vnet"
+    cfg = replace(tiny_config(tiny_root, max_iterations=1, method="urpc"), model=None, stride_xy=None)
+    cfg = TrainConfig(**{**cfg.to_dict(), "model": None, "stride_xy": None, "stride_z": None})
+    summary = train(cfg, model_dir=tmp_path, progress=False)
+    log = (Path(summary["out_dir"]) / "log.txt").read_text()
+    assert Path(summary["out_dir"]).name == "unet_3D_ds"
+    assert "chosen: --model unet_3D_ds (the network --method urpc needs)" in log
+    assert "chosen: --stride_xy 21 (two thirds of the patch)" in log
+
+
+def test_resume_with_options_that_do_not_fit_the_checkpoint_names_them_and_writes_nothing(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_root, max_iterations=2, val_interval=2, save_interval=2)
     train(cfg, model_dir=tmp_path, progress=False)
     out = tmp_path / "tiny_2" / "unet_3D_dt"
-    plain = net_factory_3d("unet_3D_dt", in_chns=1, class_num=2, feature_scale=16)
-    plain.load_state_dict(torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True))
-    log = (out / "log.txt").read_text()
-    assert '"fast_network": true' in log and "iteration 2 : loss" in log
-
-
-def test_keep_freed_memory_is_2_by_default_and_can_be_switched_off(tiny_root: Path, tmp_path: Path) -> None:
-    sys.path.insert(0, str(CODE))
-    from train_UGMCL_3D import build_parser, config_from_args
-
-    assert config_from_args(build_parser().parse_args([])).keep_freed_memory == 2
-    for value in (0, 1):
-        cfg = config_from_args(build_parser().parse_args(["--keep_freed_memory", str(value)]))
-        assert cfg.keep_freed_memory == value
-    train(tiny_config(tiny_root, max_iterations=1, keep_freed_memory=0), model_dir=tmp_path / "off", progress=False)
-    assert "glibc keeps freed memory" not in (tmp_path / "off" / "tiny_2" / "unet_3D_dt" / "log.txt").read_text()
-    train(tiny_config(tiny_root, max_iterations=1, keep_freed_memory=1), model_dir=tmp_path / "on", progress=False)
-    log = (tmp_path / "on" / "tiny_2" / "unet_3D_dt" / "log.txt").read_text()
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert f"glibc keeps freed memory for reuse: {'yes' if glibc else 'not available here'}" in log
-
-
-def test_keep_freed_memory_2_keeps_it_around_the_teacher_passes_and_validations_only(
-    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import contextlib
-
-    import engine.trainer as trainer
-
-    events: list[str] = []
-    inside = [False]
-
-    @contextlib.contextmanager
-    def recorder():
-        events.append("kept")
-        inside[0] = True
-        try:
-            yield True
-        finally:
-            inside[0] = False
-
-    real_validate = trainer.validate
-
-    def validate(*args, **kwargs):
-        events.append("validation inside" if inside[0] else "validation outside")
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "keeping_freed_memory", recorder)
-    monkeypatch.setattr(trainer, "validate", validate)
-    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: pytest.fail("mode 2 must not keep freed memory for good"))
-    train(tiny_config(tiny_root, max_iterations=2, val_interval=2, keep_freed_memory=2), model_dir=tmp_path,
-          progress=False)
-    assert events == ["kept", "kept", "kept", "validation inside"]  # two steps' teacher passes, the validation
-    with pytest.raises(trainer.TrainingError, match="--keep_freed_memory must be 0, 1 or 2, got 3"):
-        train(tiny_config(tiny_root, keep_freed_memory=3), model_dir=tmp_path, progress=False)
-
-
-@pytest.mark.parametrize("low_memory", [0, 1])
-def test_compile_option_runs_both_networks_through_dynamo_with_the_same_losses(
-    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, low_memory: int
-) -> None:
-    from torch._dynamo.utils import counters
-
-    import engine.trainer as trainer
-
-    sys.path.insert(0, str(CODE))
-    from train_UGMCL_3D import build_parser, config_from_args
-
-    assert config_from_args(build_parser().parse_args([])).compile == 0
-    assert config_from_args(build_parser().parse_args(["--compile", "1"])).compile == 1
-    # Dynamo's tracing without code generation: the graphs run the same aten ops, so the random stream, the losses
-    # and the weights must stay those of the plain run, while every forward goes through a captured graph.
-    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "eager")
-    cfg = tiny_config(tiny_root, max_iterations=3, val_interval=3, save_interval=3, low_memory=low_memory)
-    torch._dynamo.reset()
-    counters.clear()
-    train(cfg, model_dir=tmp_path / "plain", progress=False)
-    assert not counters["stats"]["unique_graphs"]
-    train(replace(cfg, compile=1), model_dir=tmp_path / "compiled", progress=False)
-    # student (train step, image grid, validation) and teacher (noisy pass, Monte-Carlo passes): one graph per
-    # network, mode and shape, and no graph breaks (low_memory's pre-drawn dropout masks included)
-    assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
-
-    def run(name: str) -> tuple[list[float], dict[str, torch.Tensor], str]:
-        out = tmp_path / name / "tiny_2" / "unet_3D_dt"
-        log = (out / "log.txt").read_text()
-        return logged_losses(log), torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True), log
-
-    plain_losses, plain_weights, _ = run("plain")
-    losses, weights, log = run("compiled")
-    assert len(losses) == 3 and losses == plain_losses
-    assert list(weights) == list(plain_weights)  # the published keys: no "_orig_mod." prefix
-    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
-    assert "torch.compile (eager): student and teacher forwards" in log
-    assert "--compile 1 on CPU: no speed-up was measured" in log
-    torch._dynamo.reset()
-
-
-def test_compile_on_a_gpu_without_triton_or_older_than_volta_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    import engine.trainer as trainer
-
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "inductor")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla K80")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (3, 7))
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
-    with pytest.raises(TrainingError, match="needs Triton, which is not installed"):
-        trainer.check_compile_support(cuda)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else None)
-    with pytest.raises(TrainingError, match=r"compute capability 7.0 or newer \(Triton\); Tesla K80 is 3.7"):
-        trainer.check_compile_support(cuda)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    trainer.check_compile_support(cuda)  # a Hopper GPU with Triton: accepted
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
-    trainer.check_compile_support(torch.device("cpu"))  # CPU with a C++ compiler on PATH: accepted
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
-    with pytest.raises(TrainingError, match="needs a C\\+\\+ compiler"):
-        trainer.check_compile_support(torch.device("cpu"))
-
-
-@pytest.mark.parametrize(
-    "method, model",
-    [("supervised", "unet_3D"), ("mean_teacher", "unet_3D"), ("uamt", "unet_3D"), ("entropy_min", "unet_3D"),
-     ("dtc", "vnet_dt"), ("urpc", "unet_3D_ds")],
-)
-def test_compile_option_traces_every_baseline_without_graph_breaks(
-    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, model: str
-) -> None:
-    from torch._dynamo.utils import counters
-
-    import engine.trainer as trainer
-
-    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "eager")
-    cfg = tiny_config(tiny_root, method=method, model=model, max_iterations=2, val_interval=2, save_interval=2)
-    losses = []
-    for compiled in (0, 1):
-        torch._dynamo.reset()
-        counters.clear()
-        summary = train(replace(cfg, compile=compiled), model_dir=tmp_path / str(compiled), progress=False)
-        log = (Path(summary["out_dir"]) / "log.txt").read_text()
-        losses.append(logged_losses(log))
-    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
-    assert len(losses[0]) == 2 and losses[1] == losses[0]
-    torch._dynamo.reset()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(TrainingError, match=r"--feature_scale 8 \(checkpoint: 16\)") as err:
+        train(replace(cfg, resume=True, feature_scale=8, max_iterations=4), model_dir=tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.json, log.txt untouched

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from dataloaders.preprocess import crop_to_nonzero, normalise_intensity
+from engine.prediction import SlidingWindow
 from networks.net_factory_3d import net_factory_3d
 from predict import find_flair, main, segment_volume
 
 SHAPE = (44, 40, 30)  # x, y, z of the LPS-oriented scan
 LPS_AFFINE = np.array([[-1.0, 0, 0, 30.0], [0, -1.0, 0, 200.0], [0, 0, 1.0, -12.0], [0, 0, 0, 1]])
-FAST = {"patch_size": (32, 32, 32), "stride_xy": 16, "stride_z": 16}
+FAST = {"window": SlidingWindow((32, 32, 32), 16, 16)}
 FAST_ARGS = ["--patch_size", "32", "32", "32", "--stride_xy", "16", "--stride_z", "16", "--feature_scale", "8"]
 FAST_ARGS += ["--device", "cpu"]
 
@@ -110,7 +111,7 @@ def test_coarse_scan_is_resampled_to_1mm_and_mapped_back():
             seen.append(tuple(x.shape))
             return super().forward(x)
 
-    labels = segment_volume(Recording(0.5), ras, ras_affine, patch_size=(8, 8, 8), stride_xy=8, stride_z=8)
+    labels = segment_volume(Recording(0.5), ras, ras_affine, window=SlidingWindow((8, 8, 8), 8, 8))
     assert labels.labels.shape == ras.shape
     native = segment_volume(Threshold(0.5), ras, ras_affine, spacing=None, **FAST).labels
     assert np.mean(labels.labels == native) > 0.97  # same threshold, up to interpolation at the edges
@@ -153,15 +154,23 @@ def test_cli_writes_uint8_segmentation_and_uncertainty_with_the_input_affine(tmp
 
 @pytest.mark.parametrize(("flag", "enabled"), [([], True), (["--keep_freed_memory", "0"], False)])
 def test_cli_keeps_freed_memory_by_default_on_cpu(tmp_path, checkpoint, monkeypatch, flag, enabled):
-    import predict
+    import contextlib
+
+    import speed
 
     calls = []
-    monkeypatch.setattr(predict, "keep_freed_memory_on_cpu", lambda device_type, on: calls.append((device_type, on)))
+
+    @contextlib.contextmanager
+    def recorder():
+        calls.append("kept")
+        yield True
+
+    monkeypatch.setattr(speed, "keeping_freed_memory", recorder)
     nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), tmp_path / "scan.nii.gz")
     out = tmp_path / "seg.nii.gz"
     assert main(["--input", str(tmp_path / "scan.nii.gz"), "--output", str(out), "--checkpoint", str(checkpoint),
                  *FAST_ARGS, *flag]) == 0
-    assert calls == [("cpu", enabled)]
+    assert calls == (["kept"] if enabled else [])  # around the one scan's prediction
 
 
 def test_cli_uses_the_flair_of_a_brats_case_folder(tmp_path, checkpoint):

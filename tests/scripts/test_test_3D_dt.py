@@ -203,19 +203,28 @@ def test_fast_network_gives_the_plain_scores_and_is_recorded(run, dataset, model
     for case in plain:  # same probabilities up to float rounding: a near-tie voxel may flip, no more
         assert fast[case] == pytest.approx(plain[case], abs=1e-3), case
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["fast"] is True
+    assert summary["config"]["speed"]["fast_network"] is True
 
 
 @pytest.mark.parametrize(("flag", "enabled"), [([], True), (["--keep_freed_memory", "0"], False)])
 def test_keep_freed_memory_is_on_by_default_on_cpu(dataset, model_dir, tmp_path, monkeypatch, flag, enabled):
-    import test_3D_dt
+    import contextlib
+
+    import speed
 
     calls = []
-    monkeypatch.setattr(test_3D_dt, "keep_freed_memory_on_cpu", lambda device_type, on: calls.append((device_type, on)))
+
+    @contextlib.contextmanager
+    def recorder():
+        calls.append("kept")
+        yield True
+
+    monkeypatch.setattr(speed, "keeping_freed_memory", recorder)
     out = tmp_path / "o"
     args = ["--root_path", str(dataset), "--model_dir", str(model_dir), "--exp", "EXP", "--out_dir", str(out)]
     assert main(args + ["--no_save", *FAST, *flag]) == 0
-    assert calls == [("cpu", enabled)]
+    n_cases = len((dataset / "test.txt").read_text().split())
+    assert calls == (["kept"] * n_cases if enabled else [])  # around each case's prediction
 
 
 def test_checkpoint_that_does_not_fit_exits_1_naming_the_keys(dataset, tmp_path, capsys):
