@@ -8,7 +8,9 @@ Run from ``code/``, like the other scripts::
 
 The file lands at ``<out_dir>/BraTs2019_UGMCL_{n}/unet_3D_dt/unet_3D_dt_best_model.pth``, where ``test_3D_dt.py``
 looks for it, only after its git blob id matches SPEC section 2 and it loads as a plain ``state_dict`` with
-``torch.load(weights_only=True)``. A file already there that verifies is kept; one that does not is replaced.
+``torch.load(weights_only=True)``. A file already there that verifies is kept. One that does not (a model you
+trained, another download) is left alone and the run fails, naming it; ``--force`` replaces it, and even then
+only once the new file is downloaded and verified: a failed download never removes anything.
 The final path is printed on stdout (progress and notes go to stderr), so ``ckpt=$(python download_pretrained.py
 --labeled_num 25)`` works. Exit status: 0 on success, 1 on a failed download or check, 2 on bad arguments.
 """
@@ -21,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from utils.atomic import check_writable
 from utils.checkpoint import (
     PUBLISHED_BASE_URL,
     PUBLISHED_CHECKPOINTS,
@@ -49,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "appended. A mirror's http(s):// or file:// URL, or a local folder laid out the same way",
     )
     parser.add_argument("--out_dir", default="../model", help="model folder the checkpoint is saved under")
-    parser.add_argument("--force", action="store_true", help="download again even if a verified file is present")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="download again even if a verified file is present, and replace a file there that is not the published "
+        "one (e.g. a model you trained); the old file stays until the new one is verified",
+    )
     parser.add_argument(
         "--expected_blob_id",
         type=_blob_id,
@@ -73,15 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = published_checkpoint_url(args.labeled_num, _as_url(args.base_url))
     dest = published_checkpoint_path(args.out_dir, args.labeled_num)
     try:
-        if dest.is_file() and not args.force:
+        if dest.is_dir():
+            raise CheckpointError(f"{dest} is a folder; expected the checkpoint file there (or nothing)")
+        if dest.is_file():
             found = git_blob_id(dest)
-            if found == expected:
+            if found == expected and not args.force:
                 print(f"{dest} is already present and verified (git blob id {found})", file=sys.stderr)
                 print(dest)
                 return 0
-            # a file that fails the check must not stay where test_3D_dt.py would load it
-            print(f"{dest} has git blob id {found}, expected {expected}; removing it and downloading", file=sys.stderr)
-            dest.unlink()
+            if found != expected and not args.force:
+                what = "published" if args.expected_blob_id is None else "requested"
+                raise CheckpointError(
+                    f"{dest} exists and is not the {what} checkpoint (git blob id {found}, expected {expected}), "
+                    "e.g. a model you trained; left as it is. Pass --force to replace it, or --out_dir to download "
+                    "elsewhere"
+                )
+            print(f"{dest} (git blob id {found}) is replaced only once the download is verified", file=sys.stderr)
+        check_writable(dest)  # before the download, not after it
         print(f"downloading {url}", file=sys.stderr)
         download_file(url, dest, expected_blob_id=expected, progress=not args.no_progress, timeout=args.timeout)
     except (CheckpointError, ValueError, OSError) as exc:

@@ -21,8 +21,8 @@ undone on the way out:
 The segmentation is written as uint8 (0 background, 1 tumour), the optional uncertainty (entropy of the mean
 MC-dropout softmax, ``--mc_passes`` passes) as float32, both in the input's voxel grid, so they overlay on the
 input in ITK-SNAP or 3D Slicer. Files are written atomically. Exit status: 0 on success, 1 on a missing or
-unreadable input, a folder without FLAIR, a missing or unfitting checkpoint (one line on stderr), 2 on bad
-arguments.
+unreadable input, a folder without FLAIR, a missing or unfitting checkpoint, an output that cannot be written
+(checked before predicting) or that would overwrite the input (one line on stderr), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataloaders.preprocess import nonzero_bbox, normalise_intensity
 from engine.evaluate import keep_largest_component
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (
     PUBLISHED_CHECKPOINTS,
     CheckpointError,
@@ -344,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target in (args.output, args.uncertainty):
             if target is not None and not _is_nifti(Path(target)):
                 raise InputError(f"output {target} must end in .nii.gz or .nii")
+            if target is not None:
+                check_writable(target)  # now, not after the whole prediction
+                if _same_file(target, flair):
+                    raise InputError(f"output {target} is the input scan {flair}; it would be overwritten")
+        if args.uncertainty is not None and _same_file(args.uncertainty, args.output):
+            raise InputError(f"--uncertainty and --output are the same file {args.output}; give two paths")
         if args.pretrained is not None:
             checkpoint = published_checkpoint_path(args.model_dir, args.pretrained)
             if not checkpoint.is_file():
@@ -366,12 +372,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_like(args.output, result.labels, reference, np.uint8)
         if args.uncertainty and result.uncertainty is not None:
             write_like(args.uncertainty, result.uncertainty, reference, np.float32)
-    except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (InputError, CheckpointError, OSError, ValueError) as err:  # OSError: NotWritableError, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 1
     tumour = int(np.count_nonzero(result.labels))
     print(f"{flair} -> {args.output} ({tumour} tumour voxels)", file=sys.stderr)
     return 0
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name the same file (links resolved; a missing file compares by its absolute path)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _one_line(exc: object) -> str:

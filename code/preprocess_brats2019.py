@@ -5,10 +5,16 @@
 
 writes ``<out_dir>/data/<case>.h5`` for every case found below ``--raw_dir`` and the split lists
 ``<out_dir>/{train,val,test}.txt`` (a seeded 250/25/60-proportioned split, or the lists already there, checked).
-A rerun skips cases whose valid output exists with the same options (``--overwrite`` redoes them). A bad case is
-reported in one line and skipped, the failures are listed at the end and the exit code is 1;
-``--strict`` stops at the first one. Files only ever appear complete (written to a temporary name, then renamed).
-The pipeline itself lives in ``dataloaders/preprocess.py``.
+A split this script made (recorded in ``<out_dir>/split_manifest.json``) is remade when the set of good cases
+changes, with a note on stderr; lists you supplied are never changed. A rerun skips cases whose valid output
+exists with the same options (``--overwrite`` redoes them). A bad case is reported in one line and skipped, the
+failures are listed at the end and the exit code is 1; ``--strict`` stops at the first one. An output that cannot
+be written (a full disk, a read-only folder) stops the run with one line naming it, exit code 1.
+
+Files only ever appear complete (written to a temporary name, then renamed); the temporary files a killed run
+left behind are removed at the next start. Worker processes (``--workers``) end with this process, even when it
+is killed. Two runs into the same ``--out_dir`` at once are refused. The pipeline itself lives in
+``dataloaders/preprocess.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,11 +35,19 @@ from dataloaders.preprocess import (
     MODALITIES,
     CaseFiles,
     CaseResult,
+    OutputError,
     PreprocessOptions,
     find_cases,
     make_splits,
     try_process_case,
 )
+from utils.atomic import NotWritableError, check_writable, remove_stale_parts
+from utils.process import exit_with_parent
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, runs are not guarded against each other
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["build_parser", "main"]
 
@@ -78,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the preprocessing; returns the exit code (0 all good, 1 a case or the split failed, 2 bad arguments)."""
+    """Run the preprocessing; returns the exit code.
+
+    0: all good; 1: a case or the split failed, or an output could not be written; 2: bad arguments;
+    130: interrupted (Ctrl-C).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -99,17 +118,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     data_dir = args.out_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for folder in (args.out_dir, data_dir):
+            check_writable(folder, folder=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with _only_run_in(data_dir):
+            return _preprocess(args, cases, options, data_dir)
+    except (NotWritableError, OutputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. --out_dir below a file
+        print(f"error: cannot use --out_dir {args.out_dir}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the finished cases are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _preprocess(
+    args: argparse.Namespace, cases: Sequence[CaseFiles], options: PreprocessOptions, data_dir: Path
+) -> int:
+    """Clean up after an interrupted run, process every case, write the split; returns the exit code."""
+    stale = remove_stale_parts(data_dir) + remove_stale_parts(args.out_dir)
+    if stale:
+        shown = ", ".join(p.name for p in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        print(f"removed {len(stale)} unfinished temporary file(s) of an interrupted run: {shown}", file=sys.stderr)
     results: list[CaseResult] = []
     runner = _run_all(cases, data_dir, options, args.overwrite, args.workers)
-    with contextlib.closing(runner), tqdm(total=len(cases), desc="preprocess", unit="case") as bar:
-        for result in runner:
-            results.append(result)
-            bar.update(1)
-            if result.status == "failed":
-                tqdm.write(f"FAILED {result.message}", file=sys.stderr)
-                if args.strict:
-                    break  # closing the runner cancels the cases not started yet
+    try:
+        with contextlib.closing(runner), tqdm(total=len(cases), desc="preprocess", unit="case") as bar:
+            for result in runner:
+                results.append(result)
+                bar.update(1)
+                if result.status == "failed":
+                    tqdm.write(f"FAILED {result.message}", file=sys.stderr)
+                    if args.strict:
+                        break  # closing the runner cancels the cases not started yet
+    except OutputError as err:
+        kept = sum(r.status != "failed" for r in results)
+        print(
+            f"error: {err}; the {kept} finished case(s) are kept and a rerun continues from there",
+            file=sys.stderr,
+        )
+        return 1
 
     failed = [r for r in results if r.status == "failed"]
     done = sorted(r.name for r in results if r.status != "failed")
@@ -127,13 +178,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {result.message}", file=sys.stderr)
     if done:
         try:
-            splits = make_splits(done, args.seed, args.out_dir)
+            splits = make_splits(
+                done, args.seed, args.out_dir, log=lambda note: print(f"note: {note}", file=sys.stderr)
+            )
         except (ValueError, OSError) as err:
             print(f"error: split lists: {err}", file=sys.stderr)
             return 1
         sizes = ", ".join(f"{name} {len(names)}" for name, names in splits.items())
         print(f"split lists in {args.out_dir}: {sizes}")
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _only_run_in(folder: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``folder`` for the run; another run holding it gives an ``OutputError``.
+
+    The stale-file cleanup at the start of a run is only safe when no other run writes into the folder.
+    """
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"another preprocess_brats2019.py run is writing into {folder}; wait for it to end or use another "
+                "--out_dir"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _run_all(
@@ -148,7 +224,13 @@ def _run_all(
             yield try_process_case(case, data_dir, options, overwrite)
         return
     # spawn: the same behaviour on Linux, macOS and Windows, and no fork of a process that may hold threads.
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=multiprocessing.get_context("spawn"))
+    # exit_with_parent: the workers must not outlive this process when it is killed.
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(cases)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         futures = [pool.submit(try_process_case, case, data_dir, options, overwrite) for case in cases]
         for future in as_completed(futures):

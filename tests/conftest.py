@@ -6,6 +6,8 @@ import contextlib
 import functools
 import http.server
 import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +57,24 @@ def serve_folder(root: Path, handler: type = http.server.SimpleHTTPRequestHandle
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str = "64k", read_only: bool = False) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (``mount -o size=``) at ``path`` for the block, read-only if asked; unmount after.
+
+    A tiny one is a disk that fills up, a read-only one a folder nobody can write, whoever runs the tests.
+    Skips the test where a tmpfs cannot be mounted (not root, no ``mount``, a container without the right).
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

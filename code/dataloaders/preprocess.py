@@ -36,6 +36,8 @@ Every problem with a case raises :class:`CaseError`, a one-line ``ValueError`` t
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 import re
@@ -43,22 +45,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Tuple, Union
+from typing import Any, Callable, Literal, NamedTuple, Tuple, Union
 
 import h5py
 import numpy as np
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, atomic_write_bytes, atomic_write_text, is_no_space_error
 
 __all__ = [
     "BRATS_LABELS",
     "LABEL_MODES",
     "MODALITIES",
+    "SPLIT_MANIFEST",
     "SPLIT_NAMES",
     "BBox",
     "CaseError",
     "CaseFiles",
     "CaseResult",
+    "OutputError",
     "PreprocessOptions",
     "crop_to_nonzero",
     "find_cases",
@@ -89,6 +93,8 @@ MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 LABEL_MODES: tuple[str, ...] = ("wt", "regions", "multiclass")
 BRATS_LABELS: tuple[int, ...] = (0, 1, 2, 4)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+SPLIT_MANIFEST = "split_manifest.json"
+"""Written by :func:`make_splits` beside the lists it made: the cases and seed they come from, and their content."""
 FORMAT_VERSION = 1
 
 # The published BraTS2019 split: 250 train / 25 val / 60 test of 335 cases.
@@ -122,6 +128,13 @@ class CaseFiles:
     folder: Path
     images: Mapping[str, Path]
     seg: Path | None
+
+
+class OutputError(OSError):
+    """The output of a case cannot be written (disk full, read-only or forbidden folder); one line naming it.
+
+    Unlike a :class:`CaseError`, this concerns every case that follows, so a run stops at the first one.
+    """
 
 
 class CaseResult(NamedTuple):
@@ -627,29 +640,26 @@ def write_case_h5(
 
     Raises:
         ValueError: if the spatial shapes differ or the arrays are not 3-D/4-D.
+        OSError: if the file cannot be written (e.g. ``errno.ENOSPC``, disk full); nothing is left at ``path``.
     """
     image = np.asarray(image, dtype=np.float32)
     label = np.asarray(label)
     if image.ndim not in (3, 4) or label.ndim not in (3, 4) or image.shape[-3:] != label.shape[-3:]:
         raise ValueError(f"image {image.shape} and label {label.shape} must share their last three (spatial) axes")
     label = label.astype(np.uint8)
+    # The file is built in memory and written with plain os.write calls: HDF5 writing straight to a disk that
+    # fills up leaves its library in a broken state (errors at every later call, a segfault at exit); a plain
+    # write fails with one OSError (ENOSPC) and the temporary file is removed.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.create_dataset("image", data=image, compression=compression)
+        f.create_dataset("label", data=label, compression=compression)
+        for key, value in attrs.items():
+            if value is not None:
+                f.attrs[key] = value
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=image, compression=compression)
-            f.create_dataset("label", data=label, compression=compression)
-            for key, value in attrs.items():
-                if value is not None:
-                    f.attrs[key] = value
-        _set_default_mode(tmp)
+    atomic_write_bytes(path, buffer.getbuffer())
     return path
-
-
-def _set_default_mode(path: Path) -> None:
-    """Give a temporary file (created 0600 by ``tempfile.mkstemp``) the mode a plain ``open`` would have given it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def read_h5_attrs(path: PathLike) -> dict[str, Any]:
@@ -733,6 +743,8 @@ def process_case_to_h5(
     Raises:
         CaseError: on bad input (:func:`preprocess_case`), or when a valid file made with other options exists
             and ``overwrite`` is False.
+        OutputError: when the h5 cannot be written (``"<case>: no space left on device ..."`` for a full disk);
+            no file, not even a partial one, is left behind.
     """
     path = Path(data_dir) / f"{case.name}.h5"
     if not overwrite and is_valid_h5(path):
@@ -749,7 +761,13 @@ def process_case_to_h5(
         clip_over=options.clip_over,  # type: ignore[arg-type]
         axis_order=options.axis_order,  # type: ignore[arg-type]
     )
-    write_case_h5(path, image, label, attrs)
+    try:
+        write_case_h5(path, image, label, attrs)
+    except OSError as err:
+        if is_no_space_error(err):
+            raise OutputError(f"{case.name}: no space left on device while writing {path}") from None
+        reason = (err.strerror or str(err)).lower()
+        raise OutputError(f"{case.name}: cannot write {path} ({reason})") from None
     return "written"
 
 
@@ -758,11 +776,14 @@ def try_process_case(
 ) -> CaseResult:
     """:func:`process_case_to_h5` that never raises: failures come back as ``status="failed"`` with a one-line message.
 
-    Meant for worker processes, where one bad case must not stop the others.
+    Meant for worker processes, where one bad case must not stop the others. The exception is
+    :class:`OutputError`, which is raised: a full disk or an unwritable folder stops every case that follows.
     """
     try:
         status = process_case_to_h5(case, data_dir, options, overwrite)
         return CaseResult(case.name, status, "")
+    except OutputError:
+        raise
     except CaseError as err:
         return CaseResult(case.name, "failed", str(err))
     except Exception as err:  # e.g. disk full: still one line naming the case
@@ -790,36 +811,79 @@ def split_sizes(n: int) -> tuple[int, int, int]:
     return n - n_val - n_test, n_val, n_test
 
 
-def make_splits(case_names: Sequence[str], seed: int, out_dir: PathLike) -> dict[str, list[str]]:
-    """Use the split lists already in ``out_dir``, or write a seeded 250/25/60-proportioned one.
+def make_splits(
+    case_names: Sequence[str], seed: int, out_dir: PathLike, log: Callable[[str], None] | None = None
+) -> dict[str, list[str]]:
+    """Use the split lists in ``out_dir``, or write a seeded 250/25/60-proportioned one; remake our own when needed.
 
-    Existing ``train.txt``, ``val.txt`` and ``test.txt`` (one case per line, CRLF and blank lines tolerated) are
-    checked: every listed case has ``<out_dir>/data/<case>.h5`` and no case is listed twice. Otherwise the sorted
-    ``case_names`` are permuted with ``numpy.random.default_rng(seed)`` and cut by :func:`split_sizes` (train
-    first, so the labelled subset, the first N lines of ``train.txt``, is a random draw); each list is written
-    atomically.
+    A generated split is ``sorted(case_names)`` permuted with ``numpy.random.default_rng(seed)`` and cut by
+    :func:`split_sizes` (train first, so the labelled subset, the first N lines of ``train.txt``, is a random
+    draw). Each list is written atomically, then :data:`SPLIT_MANIFEST` records the cases, the seed and the
+    lists. Existing lists are treated as follows:
+
+    - **made by this function** (the manifest is there and every list present holds exactly what it records):
+      kept while ``case_names`` are the cases it was made from (a new ``seed`` alone changes nothing, with a
+      note); remade with ``seed`` when the set of cases changed (a case fixed after a failed run, or one that
+      now fails), with a note naming the cases added and removed; remade when a list was deleted;
+    - **supplied by the user** (no manifest, or lists that differ from it): never changed. They are checked:
+      all three present, every listed case has ``<out_dir>/data/<case>.h5``, no case listed twice.
+
+    Args:
+        case_names: the cases that have a good h5 now.
+        seed: seed of a generated split.
+        out_dir: folder of ``train.txt``, ``val.txt``, ``test.txt`` and ``data/``.
+        log: called with each one-line note (e.g. ``print`` to stderr); notes are dropped by default.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``.
 
     Raises:
-        ValueError: if only some of the lists exist, a list names a case without an h5 or a case twice,
+        ValueError: if only some of the user's lists exist, a list names a case without an h5 or a case twice,
             ``train.txt`` is empty, or ``case_names`` is empty or repeats a name.
+        OSError: if a list cannot be written.
     """
+    note = log if log is not None else (lambda message: None)
     out = Path(out_dir)
     files = {split: out / f"{split}.txt" for split in SPLIT_NAMES}
     present = [split for split, path in files.items() if path.exists()]
-    if present:
-        if len(present) != len(files):
-            missing = ", ".join(files[s].name for s in SPLIT_NAMES if s not in present)
-            raise ValueError(
-                f"{out} has {', '.join(files[s].name for s in present)} but lacks {missing}; "
-                "provide all three split lists or none"
-            )
-        return _read_splits(files, out / "data")
     names = sorted(case_names)
     if len(set(names)) != len(names):
         raise ValueError("case_names repeats a name")
+    if present:
+        manifest = _read_manifest(out / SPLIT_MANIFEST, note)
+        ours = manifest is not None and all(_read_list(files[s]) == manifest["lists"].get(s) for s in present)
+        if manifest is None or not ours:
+            if manifest is not None:
+                note(
+                    f"the split lists in {out} differ from what {SPLIT_MANIFEST} records: taken as your own and "
+                    f"left as they are (delete the lists and {SPLIT_MANIFEST} to have them remade)"
+                )
+            if len(present) != len(files):
+                missing = ", ".join(files[s].name for s in SPLIT_NAMES if s not in present)
+                raise ValueError(
+                    f"{out} has {', '.join(files[s].name for s in present)} but lacks {missing}; "
+                    "provide all three split lists or none"
+                )
+            return _read_splits(files, out / "data")
+        made_from = manifest["cases"]
+        if made_from == names and len(present) == len(files):
+            if int(manifest["seed"]) != seed:
+                note(
+                    f"kept the split in {out} made with seed {manifest['seed']}; seed {seed} is used only when the "
+                    "split is remade (when the set of good cases changes)"
+                )
+            return _read_splits(files, out / "data")
+        added = sorted(set(names) - set(made_from))
+        removed = sorted(set(made_from) - set(names))
+        if added or removed:
+            note(
+                f"the good cases changed since the split in {out} was made ({_changes(added, removed)}): "
+                f"remaking it with seed {seed} over {len(names)} cases"
+            )
+        else:
+            note(f"{out} lacks some split lists: remaking the split with seed {seed} over {len(names)} cases")
+    if not names:
+        raise ValueError("need at least one case to split, got none")
     sizes = split_sizes(len(names))
     order = np.random.default_rng(seed).permutation(len(names))
     shuffled = [names[i] for i in order]
@@ -831,16 +895,53 @@ def make_splits(case_names: Sequence[str], seed: int, out_dir: PathLike) -> dict
     for split, path in files.items():
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{name}\n" for name in splits[split]), encoding="utf-8")
-            _set_default_mode(tmp)
+    manifest_text = json.dumps({"made_by": "make_splits", "seed": int(seed), "cases": names, "lists": splits}, indent=1)
+    atomic_write_text(out / SPLIT_MANIFEST, manifest_text + "\n")
     return splits
+
+
+def _read_list(path: Path) -> list[str] | None:
+    """The case names of a split list (CRLF, surrounding blanks and blank lines dropped), None if it is absent."""
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in re.split(r"\r\n|\r|\n", path.read_text(encoding="utf-8"))]
+    return [name for name in names if name]
+
+
+def _read_manifest(path: Path, note: Callable[[str], None]) -> dict[str, Any] | None:
+    """The content of a split manifest, or None when it is absent or not one (with a note for the latter)."""
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        valid = (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("seed"), int)
+            and isinstance(manifest.get("cases"), list)
+            and isinstance(manifest.get("lists"), dict)
+        )
+    except (OSError, UnicodeDecodeError, ValueError):
+        valid = False
+    if not valid:
+        note(f"{path} is not a split manifest written by this tool: the split lists beside it are taken as your own")
+        return None
+    return manifest
+
+
+def _changes(added: Sequence[str], removed: Sequence[str]) -> str:
+    parts = []
+    for label, items in (("added", added), ("removed", removed)):
+        if items:
+            shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)
 
 
 def _read_splits(files: Mapping[str, Path], data_dir: Path) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
     for split, path in files.items():
-        names = [line.strip() for line in re.split(r"\r\n|\r|\n", path.read_text(encoding="utf-8"))]
-        names = [name for name in names if name]
+        names = _read_list(path) or []
         for name in names:
             if name in seen:
                 where = "twice in " + path.name if seen[name] == path.name else f"in {seen[name]} and {path.name}"

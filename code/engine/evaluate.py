@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Union
 
-import h5py
 import numpy as np
 import torch
 from scipy import ndimage
@@ -43,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloaders.brats2019 import BraTS2019
+from dataloaders.case_checks import CaseFileError, check_case_file  # re-exported: they used to live here
 from dataloaders.preprocess import read_case_h5, restore_to_original
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case
 from utils.atomic import atomic_path, atomic_write_text
@@ -74,10 +74,6 @@ _BACKENDS = {"ours": "fast", "fast": "fast", "medpy": "medpy"}
 _GEOMETRY_KEYS = ("original_shape", "original_affine", "bbox_start", "bbox_stop_exclusive", "shape")
 
 
-class CaseFileError(ValueError):
-    """A case file that cannot be read as ``image`` + ``label`` HDF5; the message names the file."""
-
-
 class EvaluationResult(NamedTuple):
     """What :func:`evaluate` returns.
 
@@ -93,36 +89,6 @@ class EvaluationResult(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------- reading
-
-
-def check_case_file(path: PathLike) -> None:
-    """Check, without reading the arrays, that ``path`` is an HDF5 file with ``image`` and ``label`` datasets.
-
-    Run over all cases before the first prediction, so a corrupt file 50 cases in fails the run at once.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        CaseFileError: if it is not readable HDF5, lacks a dataset, or the spatial shapes differ.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"case file {path} does not exist")
-    try:
-        with h5py.File(path, "r") as f:
-            image, label = f.get("image"), f.get("label")
-            if not isinstance(image, h5py.Dataset) or not isinstance(label, h5py.Dataset):
-                found = sorted(f.keys())
-                raise CaseFileError(f"{path} must hold datasets 'image' and 'label', found {found}")
-            if image.ndim not in (3, 4) or image.shape[-3:] != label.shape[-3:]:
-                raise CaseFileError(
-                    f"{path}: image {image.shape} and label {label.shape} must share a 3-D spatial shape"
-                )
-    except CaseFileError:
-        raise
-    except Exception as err:  # h5py raises OSError for non-HDF5 / truncated files, sometimes others
-        raise CaseFileError(
-            f"{path} is not a readable HDF5 case file ({type(err).__name__}: {_one_line(err)})"
-        ) from None
 
 
 def read_case(path: PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

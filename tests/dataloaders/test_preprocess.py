@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from dataloaders.preprocess import (
+    SPLIT_MANIFEST,
     CaseError,
     CaseFiles,
     PreprocessOptions,
@@ -500,7 +502,7 @@ def test_generated_split_is_seeded_disjoint_and_complete(tmp_path):
         assert (tmp_path / "a" / f"{split}.txt").read_text().splitlines() == listed
     assert make_splits(list(reversed(names)), seed=1337, out_dir=tmp_path / "b") == splits
     assert make_splits(names, seed=1, out_dir=tmp_path / "c") != splits
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["test.txt", "train.txt", "val.txt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [SPLIT_MANIFEST, "test.txt", "train.txt", "val.txt"]
 
 
 def _existing_split(root: Path, lists: dict[str, list[str]], with_h5: list[str], newline: str = "\r\n") -> None:
@@ -540,6 +542,110 @@ def test_broken_split_lists_are_rejected(tmp_path, lists, with_h5, message):
     _existing_split(tmp_path, lists, with_h5)
     with pytest.raises(ValueError, match=message):
         make_splits(with_h5, seed=0, out_dir=tmp_path)
+
+
+def _lists(root: Path) -> dict[str, list[str]]:
+    return {s: (root / f"{s}.txt").read_text().splitlines() for s in ("train", "val", "test")}
+
+
+def _h5_stubs(root: Path, names: list[str]) -> None:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / "data" / f"{name}.h5").touch()
+
+
+def test_own_split_is_remade_when_a_case_is_added_and_equals_a_fresh_one(tmp_path):
+    # the failed-then-fixed case of issue #21: the first run wrote a split without "e"
+    names = ["a", "b", "c", "d", "e"]
+    _h5_stubs(tmp_path, names)
+    make_splits(names[:4], seed=3, out_dir=tmp_path)
+    notes: list[str] = []
+    splits = make_splits(names, seed=3, out_dir=tmp_path, log=notes.append)
+    assert sorted(sum(splits.values(), [])) == names
+    assert splits == make_splits(names, seed=3, out_dir=tmp_path / "fresh")  # as if no case had ever failed
+    assert _lists(tmp_path) == splits
+    assert len(notes) == 1 and "added: e" in notes[0] and "remaking" in notes[0]
+
+
+def test_own_split_is_remade_without_a_case_that_now_fails(tmp_path):
+    _h5_stubs(tmp_path, ["a", "b", "c", "d"])
+    make_splits(["a", "b", "c", "d"], seed=0, out_dir=tmp_path)
+    notes: list[str] = []
+    splits = make_splits(["a", "b", "c"], seed=0, out_dir=tmp_path, log=notes.append)
+    assert sorted(sum(splits.values(), [])) == ["a", "b", "c"]
+    assert "removed: d" in notes[0]
+
+
+def test_own_split_is_kept_for_the_same_cases_even_with_a_new_seed(tmp_path):
+    names = [f"c{i}" for i in range(8)]
+    _h5_stubs(tmp_path, names)
+    first = make_splits(names, seed=0, out_dir=tmp_path)
+    stamp = (tmp_path / "train.txt").stat().st_mtime_ns
+    notes: list[str] = []
+    assert make_splits(names, seed=5, out_dir=tmp_path, log=notes.append) == first
+    assert (tmp_path / "train.txt").stat().st_mtime_ns == stamp
+    assert len(notes) == 1 and "made with seed 0" in notes[0]
+    assert make_splits(names, seed=0, out_dir=tmp_path, log=notes.append) == first
+    assert len(notes) == 1  # nothing to say when nothing changed
+
+
+def test_an_own_split_edited_by_the_user_becomes_theirs_and_is_never_changed(tmp_path):
+    names = ["a", "b", "c", "d", "e"]
+    _h5_stubs(tmp_path, names)
+    make_splits(names[:4], seed=0, out_dir=tmp_path)
+    edited = _lists(tmp_path)
+    edited["train"] = list(reversed(edited["train"]))  # the user reorders the labelled cases
+    (tmp_path / "train.txt").write_text("".join(f"{n}\n" for n in edited["train"]))
+    notes: list[str] = []
+    assert make_splits(names, seed=0, out_dir=tmp_path, log=notes.append) == edited
+    assert _lists(tmp_path) == edited
+    assert "taken as your own" in notes[0]
+
+
+def test_a_user_split_without_manifest_is_never_changed_when_cases_are_added(tmp_path):
+    lists = {"train": ["b", "a"], "val": ["c"], "test": ["d"]}
+    _existing_split(tmp_path, lists, with_h5=["a", "b", "c", "d", "e"])
+    before = {s: (tmp_path / f"{s}.txt").read_bytes() for s in lists}
+    notes: list[str] = []
+    assert make_splits(["a", "b", "c", "d", "e"], seed=0, out_dir=tmp_path, log=notes.append) == lists
+    assert {s: (tmp_path / f"{s}.txt").read_bytes() for s in lists} == before
+    assert notes == [] and not (tmp_path / SPLIT_MANIFEST).exists()
+
+
+def test_a_deleted_own_list_is_remade(tmp_path):
+    names = [f"c{i}" for i in range(6)]
+    _h5_stubs(tmp_path, names)
+    first = make_splits(names, seed=2, out_dir=tmp_path)
+    (tmp_path / "val.txt").unlink()
+    assert make_splits(names, seed=2, out_dir=tmp_path) == first
+    assert _lists(tmp_path) == first
+
+
+def test_a_broken_manifest_leaves_the_lists_to_the_user(tmp_path):
+    names = ["a", "b", "c", "d"]
+    _h5_stubs(tmp_path, names + ["e"])
+    first = make_splits(names, seed=0, out_dir=tmp_path)
+    (tmp_path / SPLIT_MANIFEST).write_text("{not json")
+    notes: list[str] = []
+    assert make_splits(names + ["e"], seed=0, out_dir=tmp_path, log=notes.append) == first
+    assert "not a split manifest" in notes[0]
+
+
+def test_write_case_h5_on_a_full_disk_raises_enospc_and_leaves_nothing(tmp_path, monkeypatch):
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        if fd <= 2:
+            return real_write(fd, data)
+        real_write(fd, bytes(data)[: len(data) // 2])  # half of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    image = np.zeros((4, 5, 6), np.float32)
+    with pytest.raises(OSError) as info:
+        write_case_h5(tmp_path / "case.h5", image, image.astype(np.uint8), {"case": "x"})
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------- real data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import serve_folder
+from conftest import mounted_tmpfs, serve_folder
 from torch import nn
 
 from download_pretrained import main
@@ -94,23 +95,62 @@ def test_force_downloads_again_and_a_failed_forced_download_keeps_the_verified_f
     assert _final(out, 25).read_bytes() == data
 
 
-def test_a_present_file_that_does_not_verify_is_replaced(mirror, tmp_path):
+def test_a_present_file_that_does_not_verify_is_replaced_only_with_force(mirror, tmp_path, capsys):
     root, base = mirror
     data = _publish(root, 50)
     final = _final(tmp_path / "model", 50)
     final.parent.mkdir(parents=True)
     final.write_bytes(b"half a download")
-    assert main(_args(base, tmp_path / "model", 50, _blob_id(data))) == 0
+    assert main(_args(base, tmp_path / "model", 50, _blob_id(data))) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {final} exists and is not the requested checkpoint") and "--force" in line
+    assert final.read_bytes() == b"half a download"
+    assert main(_args(base, tmp_path / "model", 50, _blob_id(data), "--force")) == 0
     assert final.read_bytes() == data
 
 
-def test_a_present_file_that_does_not_verify_is_removed_even_when_the_download_fails(mirror, tmp_path):
-    _, base = mirror
-    final = _final(tmp_path / "model", 50)
+def _unreachable_url() -> str:
+    """An http URL on this host where nothing listens: the connection is refused at once, as with no network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/UG-MCL"
+
+
+def _trained_model(out_dir: Path, labeled_num: int) -> bytes:
+    """What training saves at the published path: a state_dict that is not the published file."""
+    final = _final(out_dir, labeled_num)
     final.parent.mkdir(parents=True)
-    final.write_bytes(b"half a download")
-    assert main(_args(base, tmp_path / "model", 50, "0" * 40)) == 1
-    assert not final.exists()
+    torch.manual_seed(1)
+    torch.save(nn.Conv3d(1, 2, kernel_size=3).state_dict(), final)
+    return final.read_bytes()
+
+
+def test_a_trained_model_is_never_removed_for_a_download_that_fails(tmp_path, capsys):
+    out = tmp_path / "model"
+    trained = _trained_model(out, 25)
+    final = _final(out, 25)
+    assert main(_args(_unreachable_url(), out, 25)) == 1  # the published blob id, as a user runs it
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {final} exists and is not the published checkpoint (git blob id ")
+    assert "expected 64e6f4a77e70fd4648ce5d5f3b8879646c8aa98e" in line and "--force" in line
+    assert final.read_bytes() == trained
+    assert main(_args(_unreachable_url(), out, 25, None, "--force")) == 1  # asked to replace it, but no network
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: download of ") and "cannot reach the server" in err[-1]
+    assert final.read_bytes() == trained
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name]  # no temporary file left either
+
+
+def test_a_folder_at_the_checkpoint_path_is_one_line(mirror, tmp_path, capsys):
+    root, base = mirror
+    data = _publish(root, 25)
+    final = _final(tmp_path / "model", 25)
+    final.mkdir(parents=True)
+    assert main(_args(base, tmp_path / "model", 25, _blob_id(data), "--force")) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: {final} is a folder; expected the checkpoint file there (or nothing)"
+    assert final.is_dir()
 
 
 def test_the_published_blob_id_is_required_by_default(mirror, tmp_path, capsys):
@@ -182,3 +222,15 @@ def test_runs_as_a_script_from_the_code_folder(mirror, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(_final(out, 25))
     assert _final(out, 25).read_bytes() == data
+
+
+def test_a_read_only_model_folder_is_one_line_before_downloading(mirror, tmp_path, capsys):
+    root, base = mirror
+    data = _publish(root, 25)
+    with mounted_tmpfs(tmp_path / "ro", read_only=True) as folder:
+        assert main(_args(base, folder / "model", 25, _blob_id(data))) == 1
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"error: cannot write output file {_final(folder / 'model', 25)}: folder {folder} is not writable "
+            "(read-only file system)"
+        )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import mounted_tmpfs
 from torch import nn
 
 from dataloaders.preprocess import crop_to_nonzero, normalise_intensity
@@ -223,3 +228,87 @@ def test_cli_fast_network_gives_the_plain_segmentation(tmp_path, checkpoint):
         segs.append(np.asarray(nib.load(out).dataobj))
     assert segs[0].any()
     assert (segs[0] != segs[1]).mean() < 1e-4  # same probabilities up to float rounding: only near-ties may flip
+
+
+@contextlib.contextmanager
+def unwritable_folder(tmp_path: Path, how: str):
+    folder = tmp_path / "read_only"
+    if how == "mount":
+        with mounted_tmpfs(folder, read_only=True):
+            yield folder
+        return
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("permission bits do not stop this user (root)")
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def no_prediction(monkeypatch):
+    """Make predicting fail loudly: the checks under test must stop the run before it."""
+    import predict
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("predicted although the output cannot be written")
+
+    monkeypatch.setattr(predict, "segment_volume", must_not_run)
+
+
+@pytest.mark.parametrize("how", ["chmod", "mount"])
+@pytest.mark.parametrize("which", ["output", "uncertainty"])
+def test_an_unwritable_output_is_one_line_before_predicting(tmp_path, checkpoint, capsys, no_prediction, how, which):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), scan)
+    with unwritable_folder(tmp_path, how) as folder:
+        out, unc = tmp_path / "seg.nii.gz", tmp_path / "unc.nii.gz"
+        if which == "output":
+            out = folder / "sub" / "seg.nii.gz"
+        else:
+            unc = folder / "unc.nii.gz"
+        code = main(["--input", str(scan), "--output", str(out), "--uncertainty", str(unc)]
+                    + ["--checkpoint", str(checkpoint), *FAST_ARGS])
+        err = capsys.readouterr().err.strip()
+        assert code == 1
+        [line] = err.splitlines()
+        bad = out if which == "output" else unc
+        assert line.startswith(f"error: cannot write output file {bad}: folder {folder} is not writable")
+        assert not out.exists() and not unc.exists()
+
+
+def test_an_output_onto_the_input_scan_is_refused(tmp_path, checkpoint, capsys, no_prediction):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), scan)
+    before = scan.read_bytes()
+    code = main(["--input", str(scan), "--output", str(tmp_path / "." / "scan.nii.gz")]
+                + ["--checkpoint", str(checkpoint), *FAST_ARGS])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "is the input scan" in line and "overwritten" in line
+    assert scan.read_bytes() == before
+
+
+def test_the_same_path_for_output_and_uncertainty_is_refused(tmp_path, checkpoint, capsys, no_prediction):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), scan)
+    out = tmp_path / "seg.nii.gz"
+    code = main(["--input", str(scan), "--output", str(out), "--uncertainty", str(out)]
+                + ["--checkpoint", str(checkpoint), *FAST_ARGS])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and f"--uncertainty and --output are the same file {out}" in line
+    assert not out.exists()
+
+
+def test_a_full_disk_at_the_end_is_one_line_naming_the_output(tmp_path, checkpoint, capsys):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(flair_volume(), LPS_AFFINE), scan)
+    with mounted_tmpfs(tmp_path / "disk", size="4k") as disk:
+        (disk / "filler").write_bytes(b"\0" * 4096)  # the disk is full, creating an empty file still works
+        out = disk / "seg.nii.gz"
+        code = main(["--input", str(scan), "--output", str(out), "--checkpoint", str(checkpoint), *FAST_ARGS])
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert code == 1
+        assert line == f"error: [Errno 28] No space left on device: '{out}'"
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
