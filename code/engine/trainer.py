@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dataloaders.brats2019 import read_split_file
+from dataloaders.case_checks import check_split_cases
 from engine.batches import make_batches
 from engine.config import ConfigError, TrainConfig, TrainingError, check_config
 from engine.distributed import (
@@ -107,9 +108,12 @@ def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     if METHODS[cfg.method].uses_unlabeled and cfg.labeled_num == len(train_cases):
         raise TrainingError(f"--labeled_num {cfg.labeled_num} leaves no unlabelled case in {root / 'train.txt'} "
                             f"({len(train_cases)} cases); use a smaller --labeled_num or --method supervised")
-    missing = [c for c in train_cases + val_cases if not (root / "data" / f"{c}.h5").is_file()]
-    if missing:
-        raise TrainingError(f"{len(missing)} listed case(s) have no h5 file, e.g. {root / 'data' / (missing[0] + '.h5')}")
+    splits = {"train": train_cases, "val": val_cases}
+    try:
+        # every listed file opens and holds image and label (the loader reads a label for each training row)
+        check_split_cases(root, {name: cases for name, cases in splits.items() if cases})
+    except ValueError as err:  # overlapping lists, missing or unreadable files: one line naming them
+        raise TrainingError(str(err)) from None
     return train_cases, val_cases
 
 

@@ -56,14 +56,20 @@ class PredrawnDropout(nn.Dropout):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__(p, inplace)
         self._ahead: tuple[Tensor, int] | None = None  # (mask drawn ahead, rows used so far)
+        self._drawn_with: list[PredrawnDropout] = []  # the dropouts whose masks were drawn together with this one
 
     def draw(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The boolean mask ``F.dropout`` would draw for a contiguous input of ``shape``."""
         return bernoulli_mask(shape, 1.0 - self.p, dtype, device)
 
-    def hold(self, mask: Tensor) -> None:
-        """Use ``mask`` (drawn by :meth:`draw`) for the coming train-mode forwards, row by row."""
+    def hold(self, mask: Tensor, drawn_with: list[PredrawnDropout] | None = None) -> None:
+        """Use ``mask`` (drawn by :meth:`draw`) for the coming train-mode forwards, row by row.
+
+        ``drawn_with``: the dropouts whose masks were drawn for the same forward; a forward that does not fit drops
+        all of theirs too, so none is left for a later forward.
+        """
         self._ahead = (mask, 0)
+        self._drawn_with = drawn_with if drawn_with is not None else [self]
 
     def _take(self, x: Tensor) -> Tensor | None:
         if self._ahead is None:
@@ -71,7 +77,8 @@ class PredrawnDropout(nn.Dropout):
         mask, used = self._ahead
         rows = x.shape[0]
         if tuple(x.shape[1:]) != tuple(mask.shape[1:]) or used + rows > mask.shape[0]:
-            self._ahead = None
+            for dropout in self._drawn_with:
+                dropout._ahead = None
             raise ValueError(f"dropout masks were drawn for an input {tuple(mask.shape)} ({used} rows used), but "
                              f"the input is {tuple(x.shape)}")
         self._ahead = (mask, used + rows) if used + rows < mask.shape[0] else None
@@ -139,5 +146,6 @@ def draw_masks_ahead(net: nn.Module, input_shape: Sequence[int], dtype: torch.dt
     if not net.training:
         return
     device = next(net.parameters()).device
+    together = [dropout for dropout, _ in sites]
     for dropout, shape in sites:
-        dropout.hold(dropout.draw(shape, dtype, device))
+        dropout.hold(dropout.draw(shape, dtype, device), together)

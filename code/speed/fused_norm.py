@@ -171,7 +171,8 @@ def fuse_norm_relu(net: nn.Module) -> int:
     """Swap every ``Sequential(Conv3d, InstanceNorm3d(affine=False), ReLU)`` inside ``net`` for a
     :class:`FusedConvNormReLU` with the same three modules, in place; return how many were swapped.
 
-    Parameters and ``state_dict`` keys do not change; networks without such blocks (the V-Nets) are left as they are.
+    Parameters and ``state_dict`` keys do not change; networks without such blocks (the V-Nets with their default
+    BatchNorm) are left as they are.
     """
     swapped = 0
     for parent in list(net.modules()):

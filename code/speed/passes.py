@@ -39,10 +39,12 @@ class PredrawnPasses(Passes):
 
     def forward_in_pieces(self, net: nn.Module, x: Tensor, rows: int,
                           read: Callable[[Any], Tensor] | None = None) -> Any:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
         if not can_draw_ahead(net):
             return super().forward_in_pieces(net, x, rows, read)
         draw_masks_ahead(net, x.shape, x.dtype)
-        pieces = [net(piece) if read is None else read(net(piece)) for piece in x.split(max(1, rows))]
+        pieces = [net(piece) if read is None else read(net(piece)) for piece in x.split(rows)]
         if len(pieces) == 1:
             return pieces[0]
         if isinstance(pieces[0], Tensor):

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,30 @@ def test_resume_with_options_that_do_not_fit_the_checkpoint_names_them_and_write
         train(replace(cfg, resume=True, feature_scale=8, max_iterations=4), model_dir=tmp_path, progress=False)
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.json, log.txt untouched
+
+
+@pytest.mark.parametrize("problem", ["random_bytes", "no_label", "missing_val_case", "overlap"])
+def test_bad_listed_case_files_stop_before_anything_is_written(tmp_path: Path, problem: str) -> None:
+    root = tmp_path / "data_root"
+    write_synthetic_h5_dataset(root, n_cases=7, shape=(36, 36, 34), seed=3, n_val=1, n_test=1)
+    train_cases = (root / "train.txt").read_text().split()
+    victim = root / "data" / f"{train_cases[-1]}.h5"
+    if problem == "random_bytes":
+        victim.write_bytes(np.random.default_rng(0).bytes(4096))
+        expected = rf"{victim.name}.*(not a readable HDF5|HDF5)"
+    elif problem == "no_label":
+        import h5py
+
+        with h5py.File(victim, "a") as f:
+            del f["label"]
+        expected = rf"{victim.name}.*label"
+    elif problem == "missing_val_case":
+        (root / "val.txt").write_text("not_there\n")
+        expected = "not_there"
+    else:
+        (root / "val.txt").write_text(train_cases[0] + "\n")
+        expected = rf"{train_cases[0]}.*train.*val"
+    with pytest.raises(TrainingError, match=expected) as err:
+        train(tiny_config(root, max_iterations=2), model_dir=tmp_path / "model", progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "model").exists()  # checked before the run folder, config.json or log.txt

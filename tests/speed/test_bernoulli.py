@@ -1,12 +1,12 @@
-"""``bernoulli_mask`` against torch's own ``bernoulli_``: same masks, same generator state afterwards."""
+"""``speed.bernoulli.bernoulli_mask`` against torch's own ``bernoulli_``: same masks, same generator state afterwards."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from networks import dropout_masks
-from networks.dropout_masks import bernoulli_mask, uniform_matches_bernoulli
+from speed import bernoulli
+from speed.bernoulli import bernoulli_mask, uniform_matches_bernoulli
 
 
 def _reference(shape, keep_prob, dtype=torch.float32, generator=None):
@@ -15,7 +15,7 @@ def _reference(shape, keep_prob, dtype=torch.float32, generator=None):
 
 @pytest.mark.parametrize(
     "shape",
-    [(0,), (1,), (7, 3), (2, 16, 9, 10, 11), (dropout_masks._CHUNK * 2 + 5,)],  # empty, odd, several chunks
+    [(0,), (1,), (7, 3), (2, 16, 9, 10, 11), (bernoulli._CHUNK * 2 + 5,)],  # empty, odd, several chunks
 )
 @pytest.mark.parametrize("keep_prob", [0.0, 0.7, 0.5, 1.0])
 def test_same_mask_and_generator_state_as_bernoulli(shape, keep_prob):
@@ -48,8 +48,8 @@ def test_keep_rate_is_the_probability():
 
 def test_falls_back_to_bernoulli_where_the_check_fails(monkeypatch):
     calls = []
-    monkeypatch.setattr(dropout_masks, "uniform_matches_bernoulli", lambda dtype: False)
-    monkeypatch.setattr(dropout_masks, "_uniform_compare", lambda *a: calls.append(a))
+    monkeypatch.setattr(bernoulli, "uniform_matches_bernoulli", lambda dtype: False)
+    monkeypatch.setattr(bernoulli, "_uniform_compare", lambda *a: calls.append(a))
     torch.manual_seed(4)
     expected = _reference((3, 50), 0.6)
     torch.manual_seed(4)

@@ -1,16 +1,22 @@
-"""utils/allocator.py: glibc keeps freed memory, so repeated large allocations stop page-faulting."""
+"""speed/allocator.py: glibc keeps freed memory, so repeated large allocations stop page-faulting; the speed door
+(``speed.prepare_training`` / ``prepare_inference``) keeps it where ``keep_freed_memory`` asks."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from utils import allocator
-from utils.allocator import keep_freed_memory, stop_keeping_freed_memory
+import speed
+import speed.passes
+from networks.unet_3D import unet_3D
+from speed import SpeedOptions, allocator, prepare_inference, prepare_training
+from speed.allocator import keep_freed_memory, stop_keeping_freed_memory
 
 CODE = Path(__file__).resolve().parents[2] / "code"
 
@@ -20,7 +26,7 @@ CODE = Path(__file__).resolve().parents[2] / "code"
 _PROGRAM = """
 import resource, sys, torch
 sys.path.insert(0, {code!r})
-from utils.allocator import keep_freed_memory
+from speed.allocator import keep_freed_memory
 if {keep}:
     assert keep_freed_memory()
 for _ in range(12):  # the first rounds fault either way
@@ -60,7 +66,7 @@ def test_threshold_must_be_positive():
 _PHASES = """
 import resource, sys, torch
 sys.path.insert(0, {code!r})
-from utils.allocator import keeping_freed_memory
+from speed.allocator import keeping_freed_memory
 
 def faults(rounds, numel=16 << 20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -99,13 +105,52 @@ def test_keeping_freed_memory_keeps_it_inside_the_block_and_maps_large_blocks_af
 
 
 @pytest.mark.parametrize(
-    ("device_type", "enabled", "called"), [("cpu", True, True), ("cpu", False, False), ("cuda", True, False)]
+    ("device_type", "option", "called"),
+    [("cpu", 1, True), ("cpu", 2, False), ("cpu", 0, False), ("cuda", 1, False)],
 )
-def test_keep_freed_memory_on_cpu_only_where_asked(monkeypatch, device_type, enabled, called):
+def test_the_door_keeps_freed_memory_throughout_on_cpu_only_where_asked(monkeypatch, device_type, option, called):
     calls = []
-    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert allocator.keep_freed_memory_on_cpu(device_type, enabled) is called
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: calls.append(1) or True)
+    training = prepare_training(unet_3D(feature_scale=16), SpeedOptions(keep_freed_memory=option),
+                                torch.device(device_type))
     assert calls == ([1] if called else [])
+    assert any("glibc keeps freed memory for reuse" in note for note in training.notes) is called
+    if device_type == "cpu":
+        prepare_inference(unet_3D(feature_scale=16), SpeedOptions(keep_freed_memory=option), device_type)
+        assert calls == ([1, 1] if called else [])
+
+
+@pytest.mark.parametrize(
+    ("device_type", "option", "around"), [("cpu", 2, True), ("cpu", 1, False), ("cpu", 0, False), ("cuda", 2, False)]
+)
+def test_the_door_keeps_freed_memory_around_repeated_passes_with_option_2_on_cpu(
+        monkeypatch, device_type, option, around):
+    entered = []
+
+    @contextlib.contextmanager
+    def probe(trim_above: int = 1 << 30):
+        entered.append(1)
+        yield True
+
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(speed, "keeping_freed_memory", probe)
+    monkeypatch.setattr(speed.passes, "keeping_freed_memory", probe)
+    training = prepare_training(unet_3D(feature_scale=16), SpeedOptions(keep_freed_memory=option),
+                                torch.device(device_type))
+    assert training.passes.keep_memory_around_teacher is around
+    for context in (training.around_validation(), training.passes.around_teacher()):
+        with context:
+            pass
+    assert len(entered) == (2 if around else 0)
+    if device_type == "cpu":
+        with prepare_inference(unet_3D(feature_scale=16), SpeedOptions(keep_freed_memory=option), "cpu").around_case():
+            pass
+        assert len(entered) == (3 if around else 0)
+
+
+def test_keep_freed_memory_option_out_of_range_raises():
+    with pytest.raises(ValueError, match="--keep_freed_memory must be one of"):
+        SpeedOptions(keep_freed_memory=3)
 
 
 # After keeping_freed_memory(trim_above=...): a heap holding more free memory than trim_above gives its pages back,
@@ -114,7 +159,7 @@ def test_keep_freed_memory_on_cpu_only_where_asked(monkeypatch, device_type, ena
 _TRIM = """
 import resource, sys, torch
 sys.path.insert(0, {code!r})
-from utils.allocator import heap_free_bytes, keeping_freed_memory, trim_freed_memory
+from speed.allocator import heap_free_bytes, keeping_freed_memory, trim_freed_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:
