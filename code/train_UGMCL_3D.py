@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import speed
+from dataloaders.datasets import DATASETS
 from engine.config import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -39,23 +40,34 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     d = defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model (names of the released code)")
-    g.add_argument("--root_path", default=d.root_path, help="preprocessed data: <root>/data/*.h5 and split lists")
-    g.add_argument("--exp", default=d.exp, help="experiment name; outputs in <model_dir>/<exp>_<labeled_num>/<model>")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                   help="layout of the data and the papers' defaults for it (dataloaders/datasets.py)")
+    g.add_argument("--root_path", default=None,
+                   help=f"the dataset's folder (default: {d.root_path} for brats2019, ../data/LA for la, ...)")
+    g.add_argument("--split_dir", default=None, help="folder of the split lists (default: --root_path)")
+    g.add_argument("--exp", default=None, help=f"experiment name; outputs in <model_dir>/<exp>_<labeled_num>/<model> "
+                                               f"(default: {d.exp} for brats2019, LA_UGMCL for la, ...)")
     g.add_argument("--model", default=None,
                    help="network: unet_3D_dt, vnet_dt, unet_3D, vnet, unet_3D_ds (default: the one --method needs)")
     g.add_argument("--model_dir", default="../model", help="parent folder of all run folders")
-    g.add_argument("--labeled_num", type=int, default=d.labeled_num, help="labelled cases = first N lines of train.txt")
-    g.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("X", "Y", "Z"))
+    g.add_argument("--labeled_num", type=int, default=None,
+                   help=f"labelled cases = the first N of the train list (default: {d.labeled_num} for brats2019, 16 for la)")
+    g.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help=f"training patch (default: {' '.join(map(str, d.patch_size))} for brats2019, 112 112 80 for la)")
     g.add_argument("--in_channels", type=int, default=d.in_channels)
     g.add_argument("--num_classes", type=int, default=d.num_classes)
     g.add_argument("--feature_scale", type=int, default=d.feature_scale, help="U-Net width divisor (4 = published)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_iterations", type=int, default=d.max_iterations)
+    g.add_argument("--max_iterations", type=int, default=None,
+                   help=f"(default: {d.max_iterations} for brats2019, 6000 for la, 15000 for pancreas)")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="patches per batch, labelled + unlabelled")
     g.add_argument("--labeled_bs", type=int, default=d.labeled_bs, help="labelled patches per batch")
     g.add_argument("--base_lr", type=float, default=d.base_lr)
-    g.add_argument("--lr_schedule", choices=["constant", "poly"], default=d.lr_schedule)
+    g.add_argument("--lr_schedule", choices=["constant", "poly", "step"], default=None,
+                   help="constant (brats2019, released), poly: lr (1 - t/T)^power, step: lr gamma^(t // lr_step) (la)")
     g.add_argument("--poly_power", type=float, default=d.poly_power)
+    g.add_argument("--lr_step", type=int, default=d.lr_step, help="step schedule: iterations per decay")
+    g.add_argument("--lr_gamma", type=float, default=d.lr_gamma, help="step schedule: factor per decay")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
     g.add_argument("--seed", type=int, default=d.seed)
@@ -106,7 +118,7 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    values["patch_size"] = tuple(args.patch_size)
+    values["patch_size"] = tuple(args.patch_size) if args.patch_size is not None else None
     values["speed"] = speed.options_from_args(args)
     if method is not None:
         values["method"] = method

@@ -14,7 +14,7 @@ The layout is that of :mod:`dataloaders.brats2019`: ``<root>/<split>.txt`` lists
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -82,7 +82,10 @@ def check_case_file(path: PathLike, require_label: bool = True) -> None:
 
 
 def check_split_cases(
-    root: PathLike, splits: Mapping[str, Sequence[str]], labelled: set[str] | None = None
+    root: PathLike,
+    splits: Mapping[str, Sequence[str]],
+    labelled: set[str] | None = None,
+    case_path: Callable[[str], Path] | None = None,
 ) -> None:
     """Refuse overlapping split lists, then check every listed case file once.
 
@@ -97,6 +100,8 @@ def check_split_cases(
         splits: list name (e.g. ``"train"``, the file being ``<name>.txt``) -> case names, as read with
             ``dataloaders.brats2019.read_split_file``.
         labelled: the cases that must have a ``label``; None (default) means every listed case.
+        case_path: the file of a case name (``dataloaders.datasets.DatasetLayout.case_path``); default
+            ``<root>/data/<case>.h5``.
 
     Raises:
         SplitCheckError: for overlapping lists (``"2 case(s) are listed more than once under <root>: 'A' in
@@ -126,7 +131,7 @@ def check_split_cases(
             raise ValueError(f"labelled names {len(unknown)} case(s) that no split list holds: {_first_few(unknown)}")
     bad = []
     for name in lists_of:
-        path = root / "data" / f"{name}.h5"
+        path = case_path(name) if case_path is not None else root / "data" / f"{name}.h5"
         try:
             check_case_file(path, require_label=labelled is None or name in labelled)
         except (FileNotFoundError, CaseFileError) as err:

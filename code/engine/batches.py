@@ -14,14 +14,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.brats2019 import BraTS2019
+from dataloaders.brats2019 import CaseDataset, read_split_file
+from dataloaders.datasets import dataset_layout
 from dataloaders.samplers import TwoStreamBatchSampler
 from dataloaders.transforms import Compose, RandomRotFlipCrop, ToTensor
 from engine.config import TrainConfig
 from methods import METHODS
 from methods.base import Batch
 
-__all__ = ["make_batches"]
+__all__ = ["UNLABELLED", "make_batches", "training_cases"]
+
+UNLABELLED = -1
+"""The label value of every voxel of an unlabelled row (its label is never read, and no loss uses it)."""
 
 
 class _SeededSamples(Dataset):
@@ -43,10 +47,13 @@ class _SeededSamples(Dataset):
         np.random.seed(seed)
         random.seed(seed)
         try:
-            return self.dataset[index]
+            sample = self.dataset[index]
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
+        if "label" not in sample:  # an unlabelled case: its label is never read, the row holds UNLABELLED
+            sample["label"] = torch.full(tuple(sample["image"].shape[-3:]), UNLABELLED, dtype=torch.int64)
+        return sample
 
 
 def _batch_plan(labeled: list[int], unlabeled: list[int], cfg: TrainConfig, start: int, rank: int = 0,
@@ -80,10 +87,14 @@ def _batch_plan(labeled: list[int], unlabeled: list[int], cfg: TrainConfig, star
 def make_batches(cfg: TrainConfig, start: int, rank: int = 0, world_size: int = 1,
                  seen: list[list[str]] | None = None) -> Iterator[Batch]:
     """The training batches of process ``rank`` of ``world_size`` from iteration ``start`` (labelled rows first),
-    on the CPU; the case names of each batch are appended to ``seen`` when given."""
-    dataset = BraTS2019(
-        cfg.root_path, split="train", transform=_train_transform(cfg.patch_size)
-    )
+    on the CPU; the case names of each batch are appended to ``seen`` when given.
+
+    The cases are the train list, then the ``unlabeled`` list (``engine.trainer.check_data``); the first
+    ``labeled_num`` are labelled, and the others' labels are never read (their rows hold ``UNLABELLED``).
+    """
+    cases = training_cases(cfg)
+    dataset = CaseDataset(cfg.root_path, "train", transform=_train_transform(cfg.patch_size), layout=cfg.dataset,
+                          names=cases, labelled=cfg.labeled_num)
     n = len(dataset)
     labeled = list(range(cfg.labeled_num))
     unlabeled = list(range(cfg.labeled_num, n)) if METHODS[cfg.method].uses_unlabeled else []
@@ -99,6 +110,14 @@ def make_batches(cfg: TrainConfig, start: int, rank: int = 0, world_size: int = 
         if seen is not None:
             seen.append(list(sample["name"]))
         yield Batch(sample["image"], sample["label"].long(), cfg.labeled_bs)
+
+
+def training_cases(cfg: TrainConfig) -> list[str]:
+    """The train list followed by the ``unlabeled`` list (when the layout has one and it exists)."""
+    layout = dataset_layout(cfg.dataset)
+    train = read_split_file(layout.split_path(cfg.root_path, "train", cfg.split_dir))
+    unlabeled_file = layout.split_path(cfg.root_path, "unlabeled", cfg.split_dir)
+    return train + (read_split_file(unlabeled_file) if unlabeled_file.is_file() else [])
 
 
 def _train_transform(patch: tuple[int, int, int]) -> Any:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Tuple
 
+from dataloaders.datasets import DATASETS
 from speed import SpeedOptions
 
 __all__ = ["ConfigError", "TrainConfig", "TrainingError", "check_config", "check_ranges", "default_stride"]
@@ -30,29 +31,35 @@ def default_stride(side: int) -> int:
 class TrainConfig:
     """Every training option; ``None`` where a default follows from other options (resolved on construction).
 
+    ``root_path``, ``exp``, ``labeled_num``, ``patch_size``, ``max_iterations``, ``lr_schedule`` (and on some datasets
+    the strides) None: the defaults of ``dataset`` (``dataloaders.datasets``; for ``brats2019`` the released code's).
     ``model`` None: the network the method needs (``Method.model_for``: ``vnet_dt`` for DTC and the paper variant,
-    ``unet_3D_ds`` for URPC, else ``unet_3D_dt``). ``stride_xy`` / ``stride_z`` None: two thirds of the patch
-    (:func:`default_stride`). ``threshold_rampup`` None: ``max_iterations`` (as released).
+    ``unet_3D_ds`` for URPC, else ``unet_3D_dt``, or the dataset's backbone). ``stride_xy`` / ``stride_z`` None: two
+    thirds of the patch (:func:`default_stride`). ``threshold_rampup`` None: ``max_iterations`` (as released).
     """
 
     # data
-    root_path: str = "../data/BraTS2019"
-    exp: str = "BraTs2019_UGMCL"
+    dataset: str = "brats2019"  # a layout of dataloaders.datasets: where the files are, and the papers' defaults
+    root_path: str | None = None
+    split_dir: str | None = None  # folder of the split lists, when not root_path
+    exp: str | None = None
     model: str | None = None
     method: str = "ugmcl"
     variant: str = "released"  # "released" (published code) or "paper" (separate SDF head, GT SDF, beta)
-    labeled_num: int = 50
-    patch_size: Tuple[int, int, int] = (96, 96, 96)
+    labeled_num: int | None = None
+    patch_size: Tuple[int, int, int] | None = None
     in_channels: int = 1
     num_classes: int = 2
     feature_scale: int = 4
     # optimisation
-    max_iterations: int = 30000
+    max_iterations: int | None = None
     batch_size: int = 4
     labeled_bs: int = 2
     base_lr: float = 0.01
-    lr_schedule: str = "constant"  # "constant" (released) or "poly": lr * (1 - t/T)^poly_power
+    lr_schedule: str | None = None  # "constant" (released), "poly": lr (1 - t/T)^poly_power, "step": lr gamma^(t // step)
     poly_power: float = 0.9
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 1337
@@ -87,17 +94,27 @@ class TrainConfig:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if isinstance(self.speed, dict):
             self.speed = SpeedOptions(**self.speed)
         self.chosen: list[str] = []  # what was filled in, for the log (not a field: not saved)
+        layout = DATASETS.get(self.dataset)
+        if layout is not None:
+            filled = [key for key, value in layout.defaults.items() if getattr(self, key) is None]
+            for key in filled:
+                setattr(self, key, layout.defaults[key])
+            if filled and self.dataset != "brats2019":
+                self.chosen.append(f"the defaults of --dataset {self.dataset} for {', '.join('--' + k for k in filled)}"
+                                   f" ({layout.source})")
+        if self.patch_size is not None:
+            self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.model is None:
             from methods import METHODS  # methods import this module for their types only
 
             method = METHODS.get(self.method)
-            self.model = method.model_for(self) if method is not None else "unet_3D_dt"
-            self.chosen.append(f"--model {self.model} (the network --method {self.method} needs)")
-        if len(self.patch_size) == 3:
+            usual = method.model_for(self) if method is not None else "unet_3D_dt"
+            self.model = layout.models.get(usual, usual) if layout is not None else usual
+            self.chosen.append(f"--model {self.model} (the network --method {self.method} needs on {self.dataset})")
+        if self.patch_size is not None and len(self.patch_size) == 3:
             if self.stride_xy is None:
                 self.stride_xy = default_stride(min(self.patch_size[:2]))
                 self.chosen.append(f"--stride_xy {self.stride_xy} (two thirds of the patch)")
@@ -123,6 +140,8 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("labeled_bs", 1, None, True, True),
     ("base_lr", 0, None, False, True),
     ("poly_power", 0, None, False, True),
+    ("lr_step", 1, None, True, True),
+    ("lr_gamma", 0, 1, False, True),
     ("momentum", 0, 1, True, False),
     ("weight_decay", 0, None, True, True),
     ("seed", 0, 2**32 - 1, True, True),
@@ -170,8 +189,8 @@ def check_ranges(cfg: TrainConfig) -> None:
         ok = ok and (high is None or value < high or (high_in and value == high))
         if not ok:
             raise ConfigError(f"--{name} must be in {_range_text(low, high, low_in, high_in)}, got {value!r}")
-    if cfg.lr_schedule not in ("constant", "poly"):
-        raise ConfigError(f"--lr_schedule must be 'constant' or 'poly', got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule not in ("constant", "poly", "step"):
+        raise ConfigError(f"--lr_schedule must be 'constant', 'poly' or 'step', got {cfg.lr_schedule!r}")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -183,6 +202,8 @@ def check_config(cfg: TrainConfig) -> None:
     """
     from methods import METHODS
 
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown --dataset {cfg.dataset!r}; choose one of {sorted(DATASETS)}")
     method = METHODS.get(cfg.method)
     if method is None:
         raise ConfigError(f"unknown --method {cfg.method!r}; choose one of {sorted(METHODS)}")

@@ -35,6 +35,7 @@ from torch import nn
 
 from dataloaders.brats2019 import read_split_file
 from dataloaders.case_checks import check_split_cases
+from dataloaders.datasets import dataset_layout
 from engine.batches import make_batches
 from engine.config import ConfigError, TrainConfig, TrainingError, check_config
 from engine.distributed import (
@@ -79,13 +80,14 @@ def run_dir(cfg: TrainConfig, model_dir: str | Path = "../model") -> Path:
     return Path(model_dir) / f"{cfg.exp}_{cfg.labeled_num}" / str(cfg.model)
 
 
-def _read_split(root: Path, split: str) -> list[str]:
-    path = root / f"{split}.txt"
+def _read_split(cfg: TrainConfig, split: str, required: bool) -> list[str]:
+    path = dataset_layout(cfg.dataset).split_path(cfg.root_path, split, cfg.split_dir)
     if not path.is_file():
-        raise TrainingError(
-            f"split list {path} not found: prepare the data with `python preprocess_brats2019.py --raw_dir RAW "
-            f"--out_dir {root}` (see data/README.md) or run the synthetic demo with `make demo`"
-        )
+        if not required:
+            return []
+        hint = ("prepare the data with `python preprocess_brats2019.py --raw_dir RAW --out_dir "
+                f"{cfg.root_path}` (see data/README.md) or run the synthetic demo with `make demo`")
+        raise TrainingError(f"split list {path} not found for --dataset {cfg.dataset}: {hint}")
     try:
         return read_split_file(path)
     except ValueError as err:  # a name listed twice
@@ -93,25 +95,33 @@ def _read_split(root: Path, split: str) -> list[str]:
 
 
 def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """Return the train and val case lists after checking the data folder; raise TrainingError if unusable."""
-    root = Path(cfg.root_path)
+    """Return the train and val case lists after checking the data folder; raise TrainingError if unusable.
+
+    Every listed file is checked once (``dataloaders.case_checks``): it opens and holds an ``image`` and, for the
+    labelled training cases and the validation cases, a ``label`` of the same shape; no case is in two lists.
+    """
+    root = Path(str(cfg.root_path))
     if not root.is_dir():
         raise TrainingError(
             f"data folder {root} not found: prepare BraTS2019 with `python preprocess_brats2019.py --raw_dir RAW "
             f"--out_dir {root}` (see data/README.md) or run the synthetic demo with `make demo`"
         )
-    train_cases = _read_split(root, "train")
-    val_cases = _read_split(root, "val") if (root / "val.txt").is_file() else []
+    layout = dataset_layout(cfg.dataset)
+    train_cases = _read_split(cfg, "train", required=True)
+    unlabeled = _read_split(cfg, "unlabeled", required=False)
+    val_cases = _read_split(cfg, "val", required=False)
+    train_list = layout.split_path(root, "train", cfg.split_dir)
     if cfg.labeled_num > len(train_cases):
-        raise TrainingError(f"--labeled_num {cfg.labeled_num} is larger than the training list {root / 'train.txt'} "
+        raise TrainingError(f"--labeled_num {cfg.labeled_num} is larger than the training list {train_list} "
                             f"({len(train_cases)} cases)")
-    if METHODS[cfg.method].uses_unlabeled and cfg.labeled_num == len(train_cases):
-        raise TrainingError(f"--labeled_num {cfg.labeled_num} leaves no unlabelled case in {root / 'train.txt'} "
+    if METHODS[cfg.method].uses_unlabeled and cfg.labeled_num == len(train_cases) + len(unlabeled):
+        raise TrainingError(f"--labeled_num {cfg.labeled_num} leaves no unlabelled case in {train_list} "
                             f"({len(train_cases)} cases); use a smaller --labeled_num or --method supervised")
-    splits = {"train": train_cases, "val": val_cases}
+    splits = {"train": train_cases, "unlabeled": unlabeled, "val": val_cases}
+    labelled = set(train_cases[: cfg.labeled_num]) | set(val_cases)
     try:
-        # every listed file opens and holds image and label (the loader reads a label for each training row)
-        check_split_cases(root, {name: cases for name, cases in splits.items() if cases})
+        check_split_cases(root, {name: cases for name, cases in splits.items() if cases}, labelled=labelled,
+                          case_path=lambda name: layout.case_path(root, name))
     except ValueError as err:  # overlapping lists, missing or unreadable files: one line naming them
         raise TrainingError(str(err)) from None
     return train_cases, val_cases
@@ -129,6 +139,8 @@ def build_network(cfg: TrainConfig) -> nn.Module:
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "poly":
         return cfg.base_lr * (1.0 - step / cfg.max_iterations) ** cfg.poly_power
+    if cfg.lr_schedule == "step":
+        return cfg.base_lr * cfg.lr_gamma ** (step // cfg.lr_step)
     return cfg.base_lr
 
 

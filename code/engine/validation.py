@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataloaders.brats2019 import BraTS2019
+from dataloaders.brats2019 import CaseDataset
 from engine.config import TrainConfig
 from engine.prediction import SlidingWindow, predict_case
 from utils.metrics import dice, hd95
@@ -18,12 +18,13 @@ __all__ = ["validate"]
 
 
 def validate(net: nn.Module, cfg: TrainConfig, device: torch.device, split: str = "val") -> dict[str, float]:
-    """Mean Dice and HD95 (voxels) of ``net`` over ``<root>/<split>.txt``, with the sliding window of testing.
+    """Mean Dice and HD95 (voxels) of ``net`` over the ``split`` list of ``cfg.dataset``, with the sliding window of
+    testing (foreground = every class > 0).
 
     An empty prediction counts as Dice 0 and its HD95 as NaN (left out of the HD95 mean, never 0: the
     released code scored it as a perfect 0).
     """
-    dataset = BraTS2019(cfg.root_path, split=split)
+    dataset = CaseDataset(cfg.root_path, split, layout=cfg.dataset, split_dir=cfg.split_dir)
     window = SlidingWindow(cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.sw_batch, amp=cfg.amp)
     net.eval()
     dices, hds = [], []

@@ -167,7 +167,7 @@ def test_defaults_follow_the_patch_and_the_method_and_the_log_says_so(tiny_root:
     summary = train(cfg, model_dir=tmp_path, progress=False)
     log = (Path(summary["out_dir"]) / "log.txt").read_text()
     assert Path(summary["out_dir"]).name == "unet_3D_ds"
-    assert "chosen: --model unet_3D_ds (the network --method urpc needs)" in log
+    assert "chosen: --model unet_3D_ds (the network --method urpc needs on brats2019)" in log
     assert "chosen: --stride_xy 21 (two thirds of the patch)" in log
 
 
@@ -193,9 +193,10 @@ def test_bad_listed_case_files_stop_before_anything_is_written(tmp_path: Path, p
     if problem == "random_bytes":
         victim.write_bytes(np.random.default_rng(0).bytes(4096))
         expected = rf"{victim.name}.*(not a readable HDF5|HDF5)"
-    elif problem == "no_label":
+    elif problem == "no_label":  # a labelled case (the first --labeled_num of train.txt) without its label
         import h5py
 
+        victim = root / "data" / f"{train_cases[0]}.h5"
         with h5py.File(victim, "a") as f:
             del f["label"]
         expected = rf"{victim.name}.*label"
@@ -209,3 +210,30 @@ def test_bad_listed_case_files_stop_before_anything_is_written(tmp_path: Path, p
         train(tiny_config(root, max_iterations=2), model_dir=tmp_path / "model", progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "model").exists()  # checked before the run folder, config.json or log.txt
+
+
+def test_unlabelled_cases_need_no_label_and_none_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import h5py
+
+    root = tmp_path / "data_root"
+    write_synthetic_h5_dataset(root, n_cases=7, shape=(36, 36, 34), seed=3, n_val=1, n_test=1)
+    train_cases = (root / "train.txt").read_text().split()
+    extra = train_cases.pop()  # moved to unlabeled.txt, without its label
+    (root / "train.txt").write_text("\n".join(train_cases) + "\n")
+    (root / "unlabeled.txt").write_text(extra + "\n")
+    for name in [*train_cases[2:], extra]:  # every unlabelled case loses its label
+        with h5py.File(root / "data" / f"{name}.h5", "a") as f:
+            del f["label"]
+    import engine.batches as batches
+
+    seen_labels = []
+    real = batches.Batch
+
+    def spy(image, label, labeled_bs):
+        seen_labels.append(label[labeled_bs:])
+        return real(image, label, labeled_bs)
+
+    monkeypatch.setattr(batches, "Batch", spy)
+    summary = train(tiny_config(root, max_iterations=3, val_interval=3), model_dir=tmp_path / "m", progress=False)
+    assert summary["iterations"] == 3
+    assert seen_labels and all(bool((rows == batches.UNLABELLED).all()) for rows in seen_labels)
