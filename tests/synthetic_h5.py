@@ -59,6 +59,8 @@ def write_synthetic_h5_dataset(
     n_val: int | None = None,
     n_test: int | None = None,
     empty: Sequence[int] = (),
+    channels: int = 1,
+    classes: int = 2,
 ) -> List[str]:
     """Write ``n_cases`` cases as ``<root>/data/<case>.h5`` (``image`` float32, ``label`` uint8) and the split lists.
 
@@ -73,6 +75,8 @@ def write_synthetic_h5_dataset(
         n_val: number of validation cases.
         n_test: number of test cases.
         empty: 0-based case positions written with an all-zero label (no tumour).
+        channels: image channels; more than 1 writes (C, D, H, W) images, channel c = image * (1 + c / 4) + c.
+        classes: label classes; more than 2 splits the tumour into shells, class 1 outermost.
 
     Returns:
         All case names, in order (train first, then val, then test).
@@ -91,6 +95,14 @@ def write_synthetic_h5_dataset(
     names = [synthetic_case_name(i + 1) for i in range(n_cases)]
     for i, name in enumerate(names):
         image, label = _case(shape, rng, with_tumour=i not in set(empty))
+        if channels > 1:
+            image = np.stack([image * (1 + c / 4) + c for c in range(channels)]).astype(np.float32)
+        if classes > 2 and label.any():
+            from scipy import ndimage
+
+            depth = ndimage.distance_transform_edt(label > 0)
+            shells = np.ceil(depth / max(depth.max(), 1e-6) * (classes - 1)).clip(1, classes - 1)
+            label = np.where(label > 0, shells, 0).astype(np.uint8)
         with h5py.File(root / "data" / f"{name}.h5", "w") as f:
             f.create_dataset("image", data=image)
             f.create_dataset("label", data=label)

@@ -48,7 +48,7 @@ class TrainConfig:
     variant: str = "released"  # "released" (published code) or "paper" (separate SDF head, GT SDF, beta)
     labeled_num: int | None = None
     patch_size: Tuple[int, int, int] | None = None
-    in_channels: int = 1
+    in_channels: int | None = None  # None: the channels of the data's images (read by the trainer)
     num_classes: int = 2
     feature_scale: int = 4
     # optimisation
@@ -182,7 +182,7 @@ def check_ranges(cfg: TrainConfig) -> None:
     """
     for name, low, high, low_in, high_in in _RANGES:
         value = getattr(cfg, name)
-        if value is None and name == "threshold_rampup":
+        if value is None and name in ("threshold_rampup", "in_channels"):  # None: max_iterations / read from the data
             continue
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ok = ok and (low is None or value > low or (low_in and value == low))

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import h5py
 import torch
 from torch import nn
 
@@ -124,7 +125,21 @@ def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
                           case_path=lambda name: layout.case_path(root, name))
     except ValueError as err:  # overlapping lists, missing or unreadable files: one line naming them
         raise TrainingError(str(err)) from None
+    _check_channels(cfg, layout.case_path(root, train_cases[0]))
     return train_cases, val_cases
+
+
+def _check_channels(cfg: TrainConfig, first_case: Path) -> None:
+    """Set ``cfg.in_channels`` to the channels of the data's images when it is None, or refuse a value that differs."""
+    with h5py.File(first_case, "r") as f:
+        shape = f["image"].shape
+    channels = shape[0] if len(shape) == 4 else 1
+    if cfg.in_channels is None:
+        cfg.in_channels = channels
+        cfg.chosen.append(f"--in_channels {channels} (the channels of {first_case.name})")
+    elif cfg.in_channels != channels:
+        raise TrainingError(f"--in_channels {cfg.in_channels} does not fit the data: {first_case} holds images of "
+                            f"{channels} channel(s), shape {tuple(shape)}")
 
 
 def build_network(cfg: TrainConfig) -> nn.Module:

@@ -237,3 +237,16 @@ def test_unlabelled_cases_need_no_label_and_none_is_read(tmp_path: Path, monkeyp
     summary = train(tiny_config(root, max_iterations=3, val_interval=3), model_dir=tmp_path / "m", progress=False)
     assert summary["iterations"] == 3
     assert seen_labels and all(bool((rows == batches.UNLABELLED).all()) for rows in seen_labels)
+
+
+def test_four_modalities_train_with_the_channels_read_from_the_data(tmp_path: Path) -> None:
+    root = tmp_path / "four"
+    write_synthetic_h5_dataset(root, n_cases=6, shape=(36, 36, 34), seed=4, n_val=1, n_test=1, channels=4)
+    summary = train(tiny_config(root, max_iterations=2, val_interval=2), model_dir=tmp_path / "m", progress=False)
+    out = Path(summary["out_dir"])
+    assert json.loads((out / "config.json").read_text())["in_channels"] == 4
+    assert "chosen: --in_channels 4" in (out / "log.txt").read_text()
+    weights = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True)
+    assert weights["conv1.conv1.0.weight"].shape[1] == 4
+    with pytest.raises(TrainingError, match=r"--in_channels 1 does not fit the data: .* 4 channel"):
+        train(tiny_config(root, in_channels=1), model_dir=tmp_path / "m1", progress=False)
