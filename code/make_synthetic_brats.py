@@ -21,7 +21,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict
+from typing import Dict, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -121,18 +121,56 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, grade: str | None 
     grid = _grid(shape3)
     # voxel coordinates, (X,1,1) (1,Y,1) (1,1,Z)
     vox = [g * np.float32(n - 1) for g, n in zip(grid, shape3)]
+    brain = _draw_brain(grid, vox, shape3, rng)
+    tissue = _draw_tissues(brain, grid, shape3, rng)
+    underlying = tissue.copy()
+    r_whole = _draw_tumour(tissue, brain, grid, vox, grade, rng)
+    seg = np.zeros(shape3, dtype=np.uint8)
+    for cls, value in _SEG_OF.items():
+        seg[tissue == cls] = value
 
-    # Brain: ellipsoid (proportions of the release's brains in 240 x 240 x 155) with a smooth random boundary.
-    semi = np.array([0.29, 0.355, 0.42]) * np.array(shape3) * rng.uniform(0.92, 1.05, size=3)
-    centre = np.array(shape3) * (0.5 + rng.uniform(-0.03, 0.03, size=3))
+    # Oedema contrast fades towards its edge (to 30 % at the boundary): the label edge is not a sharp FLAIR edge.
+    fade = rng.uniform(0.15, 0.4)
+    edema_weight = 0.3 + 0.7 * np.clip((1.0 - r_whole) / np.float32(fade), 0.0, 1.0)
+    texture = 1.0 + np.float32(0.05) * _smooth_field(grid, rng, 6.0, 14.0, 12)
+    bias_fields = (_smooth_field(grid, rng, 0.2, 1.0, 4), _smooth_field(grid, rng, 0.2, 1.0, 4))
+    edema = tissue == _EDEMA
+    out: Dict[str, np.ndarray] = {}
+    for mod in MODALITIES:
+        means = np.asarray(_MEANS[mod]) * rng.uniform(0.8, 1.25) * rng.uniform(0.92, 1.08, size=7)
+        means = means.astype(np.float32)
+        image = means[tissue]
+        image[edema] = means[underlying[edema]] + edema_weight[edema] * (means[_EDEMA] - means[underlying[edema]])
+        out[mod] = _scanner_image(image, texture, bias_fields, float(means[_WM]), brain.mask, rng)
+    out["seg"] = seg
+    return out
+
+
+class _Brain(NamedTuple):
+    """The drawn brain ellipsoid: ``semi`` axes and ``centre`` in voxels, coordinates ``u`` relative to them,
+    the ``mask`` and the ``depth`` (0 on the surface, 1 at the centre)."""
+
+    semi: np.ndarray
+    centre: np.ndarray
+    u: list
+    mask: np.ndarray
+    depth: np.ndarray
+
+
+def _draw_brain(grid: tuple, vox: list, shape: Shape3D, rng: np.random.Generator) -> _Brain:
+    """Ellipsoid (proportions of the release's brains in 240 x 240 x 155) with a smooth random boundary."""
+    semi = np.array([0.29, 0.355, 0.42]) * np.array(shape) * rng.uniform(0.92, 1.05, size=3)
+    centre = np.array(shape) * (0.5 + rng.uniform(-0.03, 0.03, size=3))
     u = [(v - np.float32(c)) / np.float32(s) for v, c, s in zip(vox, centre, semi)]
     radius = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
     outline = 1.0 + np.float32(0.05) * _smooth_field(grid, rng, 0.5, 2.0)
-    brain = radius < outline
-    depth = 1.0 - radius / outline  # 0 on the brain surface, 1 at the centre
+    return _Brain(semi, centre, u, radius < outline, 1.0 - radius / outline)
 
-    # Tissues: white matter, a cortical grey band with CSF-filled sulci, deep grey nuclei, ventricles.
-    tissue = np.full(shape3, _WM, dtype=np.uint8)
+
+def _draw_tissues(brain: _Brain, grid: tuple, shape: Shape3D, rng: np.random.Generator) -> np.ndarray:
+    """White matter, a cortical grey band with CSF-filled sulci, deep grey nuclei, ventricles: (X, Y, Z) uint8."""
+    u, depth = brain.u, brain.depth
+    tissue = np.full(shape, _WM, dtype=np.uint8)
     cortex = depth < 0.12 + np.float32(0.04) * _smooth_field(grid, rng, 1.0, 4.0)
     tissue[cortex] = _GM
     sulci = cortex & (_smooth_field(grid, rng, 8.0, 16.0, 10) > 1.2)
@@ -146,61 +184,61 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, grade: str | None 
             (u[2] - 0.08) / (0.12 * vent_size)
         ) ** 2 < 1.0
         tissue[vent] = _CSF
+    return tissue
 
-    # Tumour: irregular sphere-like lesion, centre well inside the brain, radius a fraction of the brain's.
+
+def _draw_tumour(
+    tissue: np.ndarray, brain: _Brain, grid: tuple, vox: list, grade: str, rng: np.random.Generator
+) -> np.ndarray:
+    """Paint an irregular sphere-like lesion into ``tissue`` (and the background outside the brain).
+
+    Its centre lies well inside the brain, its radius is a fraction of the brain's; oedema around a core that is
+    enhancing with a necrotic centre (HGG) or necrotic / non-enhancing (LGG).
+
+    Returns:
+        The normalised distance to the lesion centre over the oedema's deformed outline (< 1 inside), (X, Y, Z).
+    """
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
-    t_centre = centre + direction * rng.uniform(0.1, 0.45) * semi
-    t_radius = rng.uniform(0.25, 0.45) * float(semi.mean())
+    t_centre = brain.centre + direction * rng.uniform(0.1, 0.45) * brain.semi
+    t_radius = rng.uniform(0.25, 0.45) * float(brain.semi.mean())
     r_t = np.sqrt(sum((v - np.float32(c)) ** 2 for v, c in zip(vox, t_centre))) / np.float32(t_radius)
     r_whole = r_t / np.clip(1.0 + np.float32(0.22) * _smooth_field(grid, rng, 1.0, 3.5), 0.5, None)
     r_core = r_t / np.clip(1.0 + np.float32(0.25) * _smooth_field(grid, rng, 1.0, 4.0), 0.5, None)
     rho_core = rng.uniform(0.35, 0.6)
     rho_nec = rho_core * rng.uniform(0.3, 0.7)
-    whole = brain & (r_whole < 1.0)
+    whole = brain.mask & (r_whole < 1.0)
     core = whole & (r_core < rho_core)
-    underlying = tissue.copy()
     tissue[whole] = _EDEMA
     if grade == "HGG":
         tissue[core] = _ENH
         tissue[core & (r_core < rho_nec)] = _NEC
     else:
         tissue[core] = _NEC
-    tissue[~brain] = _BG
-    seg = np.zeros(shape3, dtype=np.uint8)
-    for cls, value in _SEG_OF.items():
-        seg[tissue == cls] = value
+    tissue[~brain.mask] = _BG
+    return r_whole
 
-    # Oedema contrast fades towards its edge (to 30 % at the boundary): the label edge is not a sharp FLAIR edge.
-    fade = rng.uniform(0.15, 0.4)
-    edema_weight = 0.3 + 0.7 * np.clip((1.0 - r_whole) / np.float32(fade), 0.0, 1.0)
 
-    texture = 1.0 + np.float32(0.05) * _smooth_field(grid, rng, 6.0, 14.0, 12)
-    bias_fields = (_smooth_field(grid, rng, 0.2, 1.0, 4), _smooth_field(grid, rng, 0.2, 1.0, 4))
+def _scanner_image(
+    image: np.ndarray, texture: np.ndarray, bias_fields: tuple, wm_mean: float, brain: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Texture, a random mix of the bias fields, Rician noise and a few hot voxels on the tissue intensities
+    ``image`` (changed in place); int16, 0 outside the brain and >= 1 inside."""
+    a, b = rng.normal(size=2)
+    strength = np.float32(rng.uniform(0.08, 0.18) / max(math.hypot(a, b), 1e-6))
+    image *= texture * np.exp(strength * (np.float32(a) * bias_fields[0] + np.float32(b) * bias_fields[1]))
+    # Rician noise: magnitude of a complex signal with Gaussian noise on both channels
+    sigma = np.float32(rng.uniform(0.03, 0.07) * wm_mean)
+    n1 = rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    image = np.sqrt((image + n1) ** 2 + n2**2)
     brain_idx = np.flatnonzero(brain)
-    edema = tissue == _EDEMA
-
-    out: Dict[str, np.ndarray] = {}
-    for mod in MODALITIES:
-        means = np.asarray(_MEANS[mod]) * rng.uniform(0.8, 1.25) * rng.uniform(0.92, 1.08, size=7)
-        means = means.astype(np.float32)
-        image = means[tissue]
-        image[edema] = means[underlying[edema]] + edema_weight[edema] * (means[_EDEMA] - means[underlying[edema]])
-        a, b = rng.normal(size=2)
-        strength = np.float32(rng.uniform(0.08, 0.18) / max(math.hypot(a, b), 1e-6))
-        image *= texture * np.exp(strength * (np.float32(a) * bias_fields[0] + np.float32(b) * bias_fields[1]))
-        # Rician noise: magnitude of a complex signal with Gaussian noise on both channels
-        sigma = np.float32(rng.uniform(0.03, 0.07) * float(means[_WM]))
-        n1 = rng.standard_normal(shape3, dtype=np.float32) * sigma
-        n2 = rng.standard_normal(shape3, dtype=np.float32) * sigma
-        image = np.sqrt((image + n1) ** 2 + n2**2)
-        hot = brain_idx[rng.integers(0, brain_idx.size, size=max(1, brain_idx.size // 5000))]
-        image.reshape(-1)[hot] *= np.float32(rng.uniform(1.5, 2.5))
-        image = np.clip(np.rint(image), 1, np.iinfo(np.int16).max)
-        image[~brain] = 0
-        out[mod] = image.astype(np.int16)
-    out["seg"] = seg
-    return out
+    hot = brain_idx[rng.integers(0, brain_idx.size, size=max(1, brain_idx.size // 5000))]
+    image.reshape(-1)[hot] *= np.float32(rng.uniform(1.5, 2.5))
+    image = np.clip(np.rint(image), 1, np.iinfo(np.int16).max)
+    image[~brain] = 0
+    return image.astype(np.int16)
 
 
 def write_case(out_dir: str | Path, name: str, arrays: Dict[str, np.ndarray]) -> Path:

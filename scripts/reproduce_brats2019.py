@@ -114,7 +114,8 @@ def entry_defaults(method: str) -> tuple[str, str]:
     argv = [] if not isinstance(defaults, (list, tuple)) else [str(a) for a in defaults]
     # The thin scripts put their DEFAULTS before the user's options; parse them with the same parser.
     args = train_UGMCL_3D.build_parser(method=method).parse_args(argv)
-    return args.exp, str(train_UGMCL_3D.config_from_args(args, method).model)  # --model None: the method's network
+    cfg = train_UGMCL_3D.config_from_args(args, method)  # options left None: the dataset's and method's defaults
+    return str(cfg.exp), str(cfg.model)
 
 
 @dataclass(frozen=True)

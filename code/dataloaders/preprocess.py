@@ -437,26 +437,9 @@ def preprocess_case(
     options = PreprocessOptions(tuple(modalities), label_mode, spacing, percentile, clip_over, axis_order)
     name = case.name
     paths = _required_paths(case, options.modalities)
-
-    loaded = {key: _load_nifti(path, name) for key, path in paths.items()}
-    volumes = {key: data for key, (data, _, _) in loaded.items()}
-    _, affine, spacing_in = loaded[options.modalities[0]]  # geometry of the first modality's file
-    del loaded
-    _check_same_shapes(name, paths, volumes)
-    seg = volumes.pop("seg")
-    for key, data in volumes.items():
-        _check_intensities(name, paths[key], data)
-    _check_labels(name, paths["seg"], seg)
-
-    mask = np.zeros(seg.shape, dtype=bool)
-    for data in volumes.values():
-        mask |= data != 0
-    bbox = nonzero_bbox(mask)
+    volumes, seg, affine, spacing_in = _read_checked(name, paths, options.modalities)
+    bbox = _brain_box(name, paths["seg"], volumes, seg)
     box = _slices(bbox)
-    outside = int(np.count_nonzero(seg)) - int(np.count_nonzero(seg[box]))
-    if outside:
-        raise CaseError(name, f"{outside} tumour voxels of {paths['seg'].name} lie outside the brain bounding box")
-
     channels = []
     for key, data in volumes.items():
         try:
@@ -476,20 +459,57 @@ def preprocess_case(
         image = _resize(image, shape, order=1).astype(np.float32)
         label = _resize(label, shape, order=0).astype(np.uint8)
     stored_affine = _stored_affine(affine, bbox, perm, cropped_shape, image.shape[-3:])
+    attrs = _case_attrs(name, options, paths, seg.shape, affine, spacing_in, bbox, image.shape[-3:], stored_affine)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), attrs
 
-    attrs: dict[str, Any] = {
+
+def _read_checked(
+    name: str, paths: Mapping[str, Path], modalities: Sequence[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``(images, seg, affine, spacing)``: the checked volumes (modality -> array, then the label map) and the
+    geometry of the first modality's file."""
+    loaded = {key: _load_nifti(path, name) for key, path in paths.items()}
+    volumes = {key: data for key, (data, _, _) in loaded.items()}
+    _, affine, spacing_in = loaded[modalities[0]]
+    del loaded
+    _check_same_shapes(name, paths, volumes)
+    seg = volumes.pop("seg")
+    for key, data in volumes.items():
+        _check_intensities(name, paths[key], data)
+    _check_labels(name, paths["seg"], seg)
+    return volumes, seg, affine, spacing_in
+
+
+def _brain_box(name: str, seg_path: Path, volumes: Mapping[str, np.ndarray], seg: np.ndarray) -> BBox:
+    """The bounding box of the voxels nonzero in any modality; every tumour voxel must lie inside it."""
+    mask = np.zeros(seg.shape, dtype=bool)
+    for data in volumes.values():
+        mask |= data != 0
+    bbox = nonzero_bbox(mask)
+    outside = int(np.count_nonzero(seg)) - int(np.count_nonzero(seg[_slices(bbox)]))
+    if outside:
+        raise CaseError(name, f"{outside} tumour voxels of {seg_path.name} lie outside the brain bounding box")
+    return bbox
+
+
+def _case_attrs(
+    name: str, options: PreprocessOptions, paths: Mapping[str, Path], original_shape: Sequence[int],
+    affine: np.ndarray, spacing_in: Sequence[float], bbox: BBox, shape: Sequence[int], stored_affine: np.ndarray,
+) -> dict[str, Any]:
+    """The geometry and provenance attributes of a case file (listed in :func:`preprocess_case`)."""
+    return {
         "format_version": FORMAT_VERSION,
         "case": name,
         "modalities": list(options.modalities),
         "label_mode": options.label_mode,
         "source_files": [paths[key].name for key in (*options.modalities, "seg")],
-        "original_shape": np.asarray(seg.shape, dtype=np.int64),
+        "original_shape": np.asarray(original_shape, dtype=np.int64),
         "original_affine": np.asarray(affine, dtype=np.float64),
         "original_spacing": np.asarray(spacing_in, dtype=np.float64),
         "bbox_start": np.asarray([start for start, _ in bbox], dtype=np.int64),
         "bbox_stop_exclusive": np.asarray([stop for _, stop in bbox], dtype=np.int64),
         "axis_order": options.axis_order,
-        "shape": np.asarray(image.shape[-3:], dtype=np.int64),
+        "shape": np.asarray(shape, dtype=np.int64),
         "spacing": np.linalg.norm(stored_affine[:3, :3], axis=0),
         "affine": stored_affine,
         "resampled": options.spacing is not None,
@@ -497,7 +517,6 @@ def preprocess_case(
         "percentile": float(options.percentile),
         "clip_over": options.clip_over,
     }
-    return np.ascontiguousarray(image), np.ascontiguousarray(label), attrs
 
 
 def _required_paths(case: CaseFiles, modalities: Sequence[str]) -> dict[str, Path]:
@@ -850,40 +869,57 @@ def make_splits(
     if len(set(names)) != len(names):
         raise ValueError("case_names repeats a name")
     if present:
-        manifest = _read_manifest(out / SPLIT_MANIFEST, note)
-        ours = manifest is not None and all(_read_list(files[s]) == manifest["lists"].get(s) for s in present)
-        if manifest is None or not ours:
-            if manifest is not None:
-                note(
-                    f"the split lists in {out} differ from what {SPLIT_MANIFEST} records: taken as your own and "
-                    f"left as they are (delete the lists and {SPLIT_MANIFEST} to have them remade)"
-                )
-            if len(present) != len(files):
-                missing = ", ".join(files[s].name for s in SPLIT_NAMES if s not in present)
-                raise ValueError(
-                    f"{out} has {', '.join(files[s].name for s in present)} but lacks {missing}; "
-                    "provide all three split lists or none"
-                )
-            return _read_splits(files, out / "data")
-        made_from = manifest["cases"]
-        if made_from == names and len(present) == len(files):
-            if int(manifest["seed"]) != seed:
-                note(
-                    f"kept the split in {out} made with seed {manifest['seed']}; seed {seed} is used only when the "
-                    "split is remade (when the set of good cases changes)"
-                )
-            return _read_splits(files, out / "data")
-        added = sorted(set(names) - set(made_from))
-        removed = sorted(set(made_from) - set(names))
-        if added or removed:
-            note(
-                f"the good cases changed since the split in {out} was made ({_changes(added, removed)}): "
-                f"remaking it with seed {seed} over {len(names)} cases"
-            )
-        else:
-            note(f"{out} lacks some split lists: remaking the split with seed {seed} over {len(names)} cases")
+        kept = _kept_split(out, files, present, names, seed, note)
+        if kept is not None:
+            return kept
     if not names:
         raise ValueError("need at least one case to split, got none")
+    return _write_split(names, seed, out, files)
+
+
+def _kept_split(
+    out: Path, files: Mapping[str, Path], present: Sequence[str], names: list[str], seed: int,
+    note: Callable[[str], None],
+) -> dict[str, list[str]] | None:
+    """The existing lists when :func:`make_splits` keeps them (the user's, or ours made from ``names``); None, with
+    a note, when ours must be remade."""
+    manifest = _read_manifest(out / SPLIT_MANIFEST, note)
+    ours = manifest is not None and all(_read_list(files[s]) == manifest["lists"].get(s) for s in present)
+    if manifest is None or not ours:
+        if manifest is not None:
+            note(
+                f"the split lists in {out} differ from what {SPLIT_MANIFEST} records: taken as your own and "
+                f"left as they are (delete the lists and {SPLIT_MANIFEST} to have them remade)"
+            )
+        if len(present) != len(files):
+            missing = ", ".join(files[s].name for s in SPLIT_NAMES if s not in present)
+            raise ValueError(
+                f"{out} has {', '.join(files[s].name for s in present)} but lacks {missing}; "
+                "provide all three split lists or none"
+            )
+        return _read_splits(files, out / "data")
+    made_from = manifest["cases"]
+    if made_from == names and len(present) == len(files):
+        if int(manifest["seed"]) != seed:
+            note(
+                f"kept the split in {out} made with seed {manifest['seed']}; seed {seed} is used only when the "
+                "split is remade (when the set of good cases changes)"
+            )
+        return _read_splits(files, out / "data")
+    added = sorted(set(names) - set(made_from))
+    removed = sorted(set(made_from) - set(names))
+    if added or removed:
+        note(
+            f"the good cases changed since the split in {out} was made ({_changes(added, removed)}): "
+            f"remaking it with seed {seed} over {len(names)} cases"
+        )
+    else:
+        note(f"{out} lacks some split lists: remaking the split with seed {seed} over {len(names)} cases")
+    return None
+
+
+def _write_split(names: list[str], seed: int, out: Path, files: Mapping[str, Path]) -> dict[str, list[str]]:
+    """Permute ``names`` with ``seed``, cut by :func:`split_sizes`, write the lists and then the manifest."""
     sizes = split_sizes(len(names))
     order = np.random.default_rng(seed).permutation(len(names))
     shuffled = [names[i] for i in order]

@@ -446,14 +446,33 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    settings = {"root_path": os.fspath(root_path), "split": split, **dataclasses.asdict(window),
-                "patch_size": list(window.patch_size), "device": str(device if device is not None else _net_device(net)),
-                "lcc": lcc, "native": outputs.native, "metric_backend": backend, "save_nifti": outputs.nifti,
-                **dict(config or {})}
-    rows: list[dict[str, Any]] = []
-    native_skipped: list[str] = []
+    settings = _run_settings(root_path, split, window, device if device is not None else _net_device(net), lcc,
+                             outputs, backend, config)
     started = time.perf_counter()
     bar = tqdm(names, desc=f"test ({split})", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    rows, native_skipped = _run_cases(net, dataset, bar, out, window, device, lcc, backend, outputs, around_case)
+    if native_skipped:
+        log(f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
+            f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py")
+    summary = _summary(rows, settings, len(native_skipped), time.perf_counter() - started)
+    if out is not None:
+        _write_csv(out / "metrics.csv", rows)
+        atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    return EvaluationResult(rows, summary, out)
+
+
+def _run_cases(
+    net: nn.Module, dataset: BraTS2019, bar: tqdm, out: Path | None, window: SlidingWindow,
+    device: torch.device | str | None, lcc: bool, backend: str, outputs: Outputs,
+    around_case: Callable[[], AbstractContextManager[Any]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read, predict, post-process, score and write each case of ``bar`` in turn (:func:`evaluate`).
+
+    Returns:
+        The metrics rows, and the cases whose ``native`` file was skipped for lack of geometry.
+    """
+    rows: list[dict[str, Any]] = []
+    native_skipped: list[str] = []
     for name in bar:
         case = _read(dataset, name)
         tic = time.perf_counter()
@@ -466,14 +485,15 @@ def evaluate(
         if out is not None and not _write(out, case, pred, uncertainty, rows[-1], outputs):
             native_skipped.append(name)
     bar.close()
-    if native_skipped:
-        log(f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
-            f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py")
-    summary = _summary(rows, settings, len(native_skipped), time.perf_counter() - started)
-    if out is not None:
-        _write_csv(out / "metrics.csv", rows)
-        atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
-    return EvaluationResult(rows, summary, out)
+    return rows, native_skipped
+
+
+def _run_settings(root_path: PathLike, split: str, window: SlidingWindow, device: torch.device | str, lcc: bool,
+                  outputs: Outputs, backend: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``"config"`` of ``summary.json``: the arguments of :func:`evaluate`, then the caller's ``config``."""
+    return {"root_path": os.fspath(root_path), "split": split, **dataclasses.asdict(window),
+            "patch_size": list(window.patch_size), "device": str(device), "lcc": lcc, "native": outputs.native,
+            "metric_backend": backend, "save_nifti": outputs.nifti, **dict(config or {})}
 
 
 def _net_device(net: nn.Module) -> torch.device:

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,10 @@ from utils.ema import create_ema_teacher, update_ema
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
-__all__ = ["Batch", "EMATeacherMethod", "Method", "Passes"]
+__all__ = ["Batch", "EMATeacherMethod", "Method", "Passes", "Term"]
+
+Term = Union[Tensor, float]
+"""One entry of an objective's dict of terms: a tensor, or a float such as the ramped weight."""
 
 
 @dataclass

@@ -18,24 +18,23 @@ but leaves it out of its loss, ``Dice + 0.3 * L_sdf``). ``sdf_weight`` is DTC's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, Passes
-from methods.supervised import check_consistency_rows, consistency_rows, floats_for_log, row_slice
+from methods.base import Batch, Method, Passes, Term
+from methods.supervised import ConsistencyOptions, floats_for_log, row_slice
 from methods.ugmcl import ground_truth_sdf
 from networks.unet_3D import unet_3D_dt
 from utils.losses import ce_loss, cross_task_consistency, dice_loss, sdf_regression_loss, sdf_to_mask
-from utils.ramps import consistency_weight
+from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["DTC", "dtc_objective"]
 
-Term = Union[Tensor, float]
 _RELEASED_ROWS = "all"
 _NUM_CLASSES = 2
 
@@ -64,9 +63,7 @@ def dtc_objective(
     rows: str = _RELEASED_ROWS,
     sdf_weight: float = 0.3,
     sdf_k: float = 1500.0,
-    consistency: float = 0.1,
-    consistency_rampup: float = 200.0,
-    consistency_interval: int = 150,
+    ramp: ConsistencyRamp = ConsistencyRamp(),
     gt_sdf: Tensor | None = None,
 ) -> dict[str, Term]:
     """Every term of the DTC loss (module docstring).
@@ -80,7 +77,7 @@ def dtc_objective(
         rows: R of the dual-task consistency, ``"all"`` (released) or ``"unlabeled"``.
         sdf_weight: weight of the SDF regression (DTC's beta, 0.3).
         sdf_k: k in sigmoid(-k d) (1500).
-        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        ramp: the weight ramp w(t) (default: the released 0.1, 200, 150).
         gt_sdf: ground-truth SDF of the labelled rows, shaped like ``dis[:labeled_bs]``; computed from ``label``
             when ``None``.
     Returns:
@@ -100,7 +97,7 @@ def dtc_objective(
     terms["loss_dice"] = dice_loss(torch.softmax(logits[:lb], dim=1)[:, 1], label[:lb] == 1)
     terms["loss_sdf"] = sdf_regression_loss(dis[:lb], gt_sdf)
     terms["supervised_loss"] = 0.5 * (terms["loss_ce"] + terms["loss_dice"]) + sdf_weight * terms["loss_sdf"]
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    weight = ramp.weight(step)
     terms["consistency_weight"] = weight
     terms["consistency_dist"] = cross_task_consistency(dis[sel], logits[sel], sdf_k)
     terms["consistency_loss"] = weight * terms["consistency_dist"]
@@ -108,7 +105,7 @@ def dtc_objective(
     return terms
 
 
-class DTC(Method):
+class DTC(ConsistencyOptions, Method):
     """Dual-task consistency; hyper-parameters from ``engine.config.TrainConfig``.
 
     Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``sdf_k``, ``num_classes`` (must be 2),
@@ -129,12 +126,12 @@ class DTC(Method):
     logged = ("supervised_loss", "loss_ce", "loss_dice", "loss_sdf", "consistency_dist", "consistency_loss",
               "consistency_weight")
 
+    released_rows = _RELEASED_ROWS
     default_model = "vnet_dt"
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> None:
         super().check_config(cfg)
-        check_consistency_rows(cfg)
         if cfg.num_classes != _NUM_CLASSES:
             raise ValueError(f"DTC is two-class (background/foreground): --num_classes must be 2, got {cfg.num_classes}")
 
@@ -149,7 +146,6 @@ class DTC(Method):
                 "output is tanh of its own logits, which the SDF regression would drive against the segmentation"
             )
         self.sdf_weight = cfg.dtc_sdf_weight
-        self.rows = consistency_rows(cfg, _RELEASED_ROWS)
         self._last_dis_mask: Tensor | None = None
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -166,17 +162,8 @@ class DTC(Method):
             )
         dis, logits = output
         terms = dtc_objective(
-            dis,
-            logits,
-            batch.label,
-            batch.labeled_bs,
-            step,
-            rows=self.rows,
-            sdf_weight=self.sdf_weight,
-            sdf_k=cfg.sdf_k,
-            consistency=cfg.consistency,
-            consistency_rampup=cfg.consistency_rampup,
-            consistency_interval=cfg.consistency_interval,
+            dis, logits, batch.label, batch.labeled_bs, step,
+            rows=self.rows, sdf_weight=self.sdf_weight, sdf_k=cfg.sdf_k, ramp=self.ramp,
         )
         self._last_dis_mask = sdf_to_mask(dis[0, -1].detach().float(), cfg.sdf_k)
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]

@@ -10,44 +10,28 @@ unlabelled rows only. The weight ramp w(t) is the one of Mean Teacher / UG-MCL.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, Passes
-from methods.supervised import (
-    DiceMode,
-    check_consistency_rows,
-    consistency_rows,
-    floats_for_log,
-    row_slice,
-    supervised_terms,
-)
+from methods.base import Batch, Method, Passes, Term
+from methods.supervised import ConsistencyOptions, DiceMode, floats_for_log, row_slice, supervised_terms
 from networks.outputs import segmentation_logits
 from utils.losses import entropy_loss
-from utils.ramps import consistency_weight
+from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["EntropyMinimization", "entropy_min_objective"]
 
-Term = Union[Tensor, float]
 _RELEASED_ROWS = "all"
 
 
 def entropy_min_objective(
-    logits: Tensor,
-    label: Tensor,
-    labeled_bs: int,
-    step: int,
-    *,
-    rows: str = _RELEASED_ROWS,
-    consistency: float = 0.1,
-    consistency_rampup: float = 200.0,
-    consistency_interval: int = 150,
-    dice: DiceMode = "classes",
+    logits: Tensor, label: Tensor, labeled_bs: int, step: int, *, rows: str = _RELEASED_ROWS,
+    ramp: ConsistencyRamp = ConsistencyRamp(), dice: DiceMode = "classes",
 ) -> dict[str, Term]:
     """Every term of the entropy-minimisation loss (module docstring).
 
@@ -57,7 +41,7 @@ def entropy_min_objective(
         labeled_bs: number of labelled rows at the start of the batch.
         step: the 0-based iteration t.
         rows: R, ``"all"`` (SSL4MIS) or ``"unlabeled"``.
-        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        ramp: the weight ramp w(t) (default: the released 0.1, 200, 150).
         dice: the Dice of the supervised part (``methods.supervised.supervised_terms``).
     Returns:
         tensors ``loss``, ``supervised_loss``, ``loss_ce``, ``loss_dice``, ``entropy`` (the normalised mean
@@ -68,7 +52,7 @@ def entropy_min_objective(
     sel = row_slice(logits.shape[0], labeled_bs, rows)
     logits = logits.float()
     terms: dict[str, Term] = dict(supervised_terms(logits[:labeled_bs], label[:labeled_bs], dice))
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    weight = ramp.weight(step)
     terms["consistency_weight"] = weight
     terms["entropy"] = entropy_loss(torch.softmax(logits[sel], dim=1))
     terms["entropy_loss"] = weight * terms["entropy"]
@@ -76,7 +60,7 @@ def entropy_min_objective(
     return terms
 
 
-class EntropyMinimization(Method):
+class EntropyMinimization(ConsistencyOptions, Method):
     """Entropy minimisation; reads ``consistency``, ``consistency_rampup``, ``consistency_interval``,
     ``num_classes`` and the optional ``consistency_rows`` (default ``"released"``).
 
@@ -89,30 +73,15 @@ class EntropyMinimization(Method):
 
     name = "entropy_min"
     uses_unlabeled = True
+    released_rows = _RELEASED_ROWS
     logged = ("supervised_loss", "loss_ce", "loss_dice", "entropy", "entropy_loss", "consistency_weight")
-
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
-        super().check_config(cfg)
-        check_consistency_rows(cfg)
 
     def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
                  forward: nn.Module | None = None) -> None:
         super().__init__(student, cfg, passes, forward)
-        self.rows = consistency_rows(cfg, _RELEASED_ROWS)
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the whole batch, then the objective."""
-        cfg = self.cfg
         logits = segmentation_logits(self.run_student(batch.image), self.name)
-        terms = entropy_min_objective(
-            logits,
-            batch.label,
-            batch.labeled_bs,
-            step,
-            rows=self.rows,
-            consistency=cfg.consistency,
-            consistency_rampup=cfg.consistency_rampup,
-            consistency_interval=cfg.consistency_interval,
-        )
+        terms = entropy_min_objective(logits, batch.label, batch.labeled_bs, step, rows=self.rows, ramp=self.ramp)
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]

@@ -13,45 +13,28 @@ batch, as UG-MCL does for its own consistency. The teacher runs on the rows of R
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, EMATeacherMethod, Passes
-from methods.supervised import (
-    DiceMode,
-    check_consistency_rows,
-    consistency_rows,
-    floats_for_log,
-    row_slice,
-    supervised_terms,
-)
+from methods.base import Batch, EMATeacherMethod, Passes, Term
+from methods.supervised import ConsistencyOptions, DiceMode, floats_for_log, row_slice, supervised_terms
 from networks.outputs import segmentation_logits
 from utils.losses import softmax_mse
-from utils.ramps import consistency_weight
+from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["MeanTeacher", "mean_teacher_objective"]
 
-Term = Union[Tensor, float]
 _RELEASED_ROWS = "unlabeled"
 
 
 def mean_teacher_objective(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    label: Tensor,
-    labeled_bs: int,
-    step: int,
-    *,
-    rows: str = _RELEASED_ROWS,
-    consistency: float = 0.1,
-    consistency_rampup: float = 200.0,
-    consistency_interval: int = 150,
-    dice: DiceMode = "classes",
+    student_logits: Tensor, teacher_logits: Tensor, label: Tensor, labeled_bs: int, step: int, *,
+    rows: str = _RELEASED_ROWS, ramp: ConsistencyRamp = ConsistencyRamp(), dice: DiceMode = "classes",
 ) -> dict[str, Term]:
     """Every term of the Mean Teacher loss (module docstring).
 
@@ -62,7 +45,7 @@ def mean_teacher_objective(
         labeled_bs: number of labelled rows at the start of the batch.
         step: the 0-based iteration t.
         rows: R, ``"unlabeled"`` (rows ``labeled_bs:``, SSL4MIS) or ``"all"``.
-        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        ramp: the weight ramp w(t) (default: the released 0.1, 200, 150).
         dice: the Dice of the supervised part (``methods.supervised.supervised_terms``).
     Returns:
         tensors ``loss``, ``supervised_loss``, ``loss_ce``, ``loss_dice``, ``consistency_dist`` (the mean squared
@@ -73,7 +56,7 @@ def mean_teacher_objective(
     sel = row_slice(student_logits.shape[0], labeled_bs, rows)
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     terms: dict[str, Term] = dict(supervised_terms(student_logits[:labeled_bs], label[:labeled_bs], dice))
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    weight = ramp.weight(step)
     terms["consistency_weight"] = weight
     terms["consistency_dist"] = torch.mean(softmax_mse(student_logits[sel], teacher_logits))
     terms["consistency_loss"] = weight * terms["consistency_dist"]
@@ -81,7 +64,7 @@ def mean_teacher_objective(
     return terms
 
 
-class MeanTeacher(EMATeacherMethod):
+class MeanTeacher(ConsistencyOptions, EMATeacherMethod):
     """Mean Teacher with the EMA teacher kept in train mode; hyper-parameters from ``engine.config.TrainConfig``.
 
     Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``ema_decay``, ``noise_std``,
@@ -102,33 +85,18 @@ class MeanTeacher(EMATeacherMethod):
     logged: tuple[str, ...] = ("supervised_loss", "loss_ce", "loss_dice", "consistency_dist", "consistency_loss",
                                "consistency_weight")
 
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
-        super().check_config(cfg)
-        check_consistency_rows(cfg)
-
     def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
                  forward: nn.Module | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__(student, cfg, passes, forward, generator)
-        self.rows = consistency_rows(cfg, self.released_rows)
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the batch, one noisy teacher pass on the consistency rows, the objective."""
-        cfg = self.cfg
         self._prepare_teacher(batch.image)
         sel = row_slice(batch.image.shape[0], batch.labeled_bs, self.rows)
         student_logits = segmentation_logits(self.run_student(batch.image), self.name)
         with self.passes.around_teacher(), torch.no_grad():
             teacher_logits = segmentation_logits(self.teacher(self._noisy(batch.image[sel])), self.name)
         terms = mean_teacher_objective(
-            student_logits,
-            teacher_logits,
-            batch.label,
-            batch.labeled_bs,
-            step,
-            rows=self.rows,
-            consistency=cfg.consistency,
-            consistency_rampup=cfg.consistency_rampup,
-            consistency_interval=cfg.consistency_interval,
+            student_logits, teacher_logits, batch.label, batch.labeled_bs, step, rows=self.rows, ramp=self.ramp
         )
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]

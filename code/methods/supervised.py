@@ -9,28 +9,32 @@ patches. With z the segmentation logits of the labelled rows, p = softmax(z), y 
 UG-MCL / DTC code uses the foreground term ``Dice(p_1, 1[y = 1])`` alone (``dice="foreground"``).
 
 Shared helpers: :func:`supervised_terms`, :func:`consistency_rows` (which rows an unsupervised term covers),
-:func:`check_consistency_rows` and :func:`floats_for_log`.
+:func:`check_consistency_rows`, :func:`consistency_ramp` (the weight ramp w(t)), :func:`floats_for_log` and the
+mixin :class:`ConsistencyOptions` of the methods with an unsupervised term.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, Passes
+from methods.base import Batch, Method, Passes, Term
 from networks.outputs import segmentation_logits
 from utils.losses import ce_loss, dice_loss, multiclass_dice_loss
+from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = [
     "CONSISTENCY_ROWS",
+    "ConsistencyOptions",
     "DiceMode",
     "Supervised",
     "check_consistency_rows",
+    "consistency_ramp",
     "consistency_rows",
     "floats_for_log",
     "row_slice",
@@ -42,8 +46,6 @@ DiceMode = Literal["classes", "foreground"]
 CONSISTENCY_ROWS: tuple[str, ...] = ("released", "all", "unlabeled")
 """Values of the ``consistency_rows`` option: ``"released"`` (the method's reference code), ``"all"`` (whole batch)
 or ``"unlabeled"`` (rows ``labeled_bs:`` only)."""
-
-Term = Union[Tensor, float]
 
 
 def row_slice(batch: int, labeled_bs: int, rows: str) -> slice:
@@ -68,6 +70,11 @@ def consistency_rows(cfg: TrainConfig, released: str) -> str:
     return released if cfg.consistency_rows == "released" else cfg.consistency_rows
 
 
+def consistency_ramp(cfg: TrainConfig) -> ConsistencyRamp:
+    """The weight ramp w(t) of the options ``consistency``, ``consistency_rampup`` and ``consistency_interval``."""
+    return ConsistencyRamp(cfg.consistency, cfg.consistency_rampup, cfg.consistency_interval)
+
+
 def check_consistency_rows(cfg: TrainConfig) -> None:
     """Refuse a ``consistency_rows`` value that is not one of :data:`CONSISTENCY_ROWS`.
 
@@ -76,6 +83,32 @@ def check_consistency_rows(cfg: TrainConfig) -> None:
     """
     if cfg.consistency_rows not in CONSISTENCY_ROWS:
         raise ValueError(f"--consistency_rows must be one of {CONSISTENCY_ROWS}, got {cfg.consistency_rows!r}")
+
+
+class ConsistencyOptions:
+    """Mixin of the methods whose unsupervised term reads ``consistency_rows`` and the weight ramp options.
+
+    List it before the :class:`~methods.base.Method` base. It refuses an unknown ``consistency_rows`` with the
+    other options (:meth:`check_config`) and, at construction, resolves it and the ramp.
+
+    Attributes:
+        released_rows: R of the method's reference code, what ``"released"`` stands for (a class attribute).
+        rows: R for this run, ``"all"`` or ``"unlabeled"`` (:func:`consistency_rows`).
+        ramp: the weight ramp w(t) (:func:`consistency_ramp`).
+    """
+
+    released_rows = "unlabeled"
+
+    def __init__(self, student: nn.Module, cfg: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(student, cfg, *args, **kwargs)  # type: ignore[call-arg]
+        self.rows = consistency_rows(cfg, self.released_rows)
+        self.ramp = consistency_ramp(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """The options of the method's base, then ``consistency_rows`` (:func:`check_consistency_rows`)."""
+        super().check_config(cfg)  # type: ignore[misc]
+        check_consistency_rows(cfg)
 
 
 def supervised_terms(logits: Tensor, label: Tensor, dice: DiceMode = "classes") -> dict[str, Tensor]:

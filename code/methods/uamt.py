@@ -14,25 +14,23 @@ Released: start 0.75, end 1.0, threshold_rampup = max_iterations, T = 8 passes r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Passes
+from methods.base import Batch, Passes, Term
 from methods.mean_teacher import MeanTeacher
 from methods.supervised import DiceMode, floats_for_log, row_slice, supervised_terms
 from networks.outputs import segmentation_logits
 from utils.losses import masked_consistency, softmax_mse
-from utils.ramps import consistency_weight
+from utils.ramps import ConsistencyRamp
 from utils.uncertainty import mc_dropout_uncertainty, uncertainty_threshold
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["UAMT", "uamt_objective"]
-
-Term = Union[Tensor, float]
 
 
 def uamt_objective(
@@ -45,9 +43,7 @@ def uamt_objective(
     *,
     threshold_rampup: float,
     rows: str = "unlabeled",
-    consistency: float = 0.1,
-    consistency_rampup: float = 200.0,
-    consistency_interval: int = 150,
+    ramp: ConsistencyRamp = ConsistencyRamp(),
     threshold_start: float = 0.75,
     threshold_end: float = 1.0,
     dice: DiceMode = "classes",
@@ -63,7 +59,7 @@ def uamt_objective(
         step: the 0-based iteration t.
         threshold_rampup: L of the threshold ramp (``max_iterations`` as released).
         rows: R, ``"unlabeled"`` (released) or ``"all"``.
-        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        ramp: the weight ramp w(t) (default: the released 0.1, 200, 150).
         threshold_start, threshold_end: tau / ln C at the start and the end of its ramp (0.75, 1.0).
         dice: the Dice of the supervised part (``methods.supervised.supervised_terms``).
     Returns:
@@ -75,7 +71,7 @@ def uamt_objective(
     sel = row_slice(student_logits.shape[0], labeled_bs, rows)
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     terms: dict[str, Term] = dict(supervised_terms(student_logits[:labeled_bs], label[:labeled_bs], dice))
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    weight = ramp.weight(step)
     threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, student_logits.shape[1])
     mask = (uncertainty < threshold).float()
     terms["consistency_weight"] = weight
@@ -130,19 +126,9 @@ class UAMT(MeanTeacher):
                 logits_fn=lambda output: segmentation_logits(output, self.name),
             )
         terms = uamt_objective(
-            student_logits,
-            teacher_logits,
-            uncertainty,
-            batch.label,
-            batch.labeled_bs,
-            step,
-            threshold_rampup=self.threshold_rampup,
-            rows=self.rows,
-            consistency=cfg.consistency,
-            consistency_rampup=cfg.consistency_rampup,
-            consistency_interval=cfg.consistency_interval,
-            threshold_start=cfg.threshold_start,
-            threshold_end=cfg.threshold_end,
+            student_logits, teacher_logits, uncertainty, batch.label, batch.labeled_bs, step,
+            threshold_rampup=self.threshold_rampup, rows=self.rows, ramp=self.ramp,
+            threshold_start=cfg.threshold_start, threshold_end=cfg.threshold_end,
         )
         self._last_uncertainty = uncertainty[0, 0].detach()
         terms["mask_ratio"] = terms["mask"].mean()  # type: ignore[union-attr]

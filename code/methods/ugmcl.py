@@ -26,12 +26,12 @@ Both variants assume a two-class (background / foreground) segmentation, as the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Union, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, EMATeacherMethod, Passes
+from methods.base import Batch, EMATeacherMethod, Passes, Term
 from networks.outputs import segmentation_logits
 from utils.losses import (
     ce_loss,
@@ -54,8 +54,6 @@ __all__ = ["UGMCL", "VARIANTS", "Variant", "ground_truth_sdf", "ugmcl_objective"
 Variant = Literal["released", "paper"]
 VARIANTS: tuple[str, ...] = ("released", "paper")
 _NUM_CLASSES = 2
-
-Term = Union[Tensor, float]
 
 
 def ground_truth_sdf(label: Tensor, channels: int) -> Tensor:
@@ -156,11 +154,10 @@ def ugmcl_objective(
         labeled_bs: number of labelled rows at the start of the batch (>= 1).
         step: the 0-based iteration t.
         threshold_rampup: L of the threshold ramp (``max_iterations`` as released).
-        consistency: final consistency weight (0.1).
-        consistency_rampup: weight ramp length in units of ``consistency_interval`` iterations (200).
-        consistency_interval: iterations per weight-ramp step (150).
-        threshold_start: tau(0) / ln 2 before the ramp factor (0.75).
-        threshold_end: tau at the end of the ramp / ln 2 (1.0).
+        consistency, consistency_rampup, consistency_interval: the weight ramp w(t): final weight (0.1), length
+            in units of ``consistency_interval`` iterations (200), iterations per ramp step (150).
+        threshold_start, threshold_end: tau / ln 2 at the start (before the ramp factor) and the end of its ramp
+            (0.75, 1.0).
         sdf_k: k of the SDF-to-mask transform sigmoid(-k d) (1500).
         variant: ``"released"`` or ``"paper"``.
         beta: paper variant: weight of the segmentation consistency in the intra-task term (0.75).
@@ -182,6 +179,30 @@ def ugmcl_objective(
     # Float32 throughout, also under autocast: sigmoid(-1500 d) and the small consistency terms need the precision.
     student_dis, student_logits, teacher_logits = student_dis.float(), student_logits.float(), teacher_logits.float()
     teacher_dis = None if teacher_dis is None else teacher_dis.float()
+    terms = _supervised_terms(student_dis, student_logits, label, labeled_bs, sdf_k, variant, gt_sdf)
+
+    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, _NUM_CLASSES)
+    mask = (uncertainty < threshold).to(student_logits.dtype)
+    terms["consistency_weight"] = weight
+    terms["threshold"] = threshold
+    terms["uncertainty"] = uncertainty
+    terms["mask"] = mask
+    terms.update(_intra_task_terms(student_dis, student_logits, teacher_logits, teacher_dis, mask, variant, beta))
+    terms["consistency_loss"] = weight * terms["consistency_dist"]
+
+    terms["cross_task_dist"] = cross_task_consistency(student_dis, student_logits, sdf_k)
+    terms["cross_task_loss"] = weight * terms["cross_task_dist"]
+    terms["loss"] = terms["supervised_loss"] + terms["consistency_loss"] + terms["cross_task_loss"]
+    return terms
+
+
+def _supervised_terms(
+    student_dis: Tensor, student_logits: Tensor, label: Tensor, labeled_bs: int, sdf_k: float, variant: str,
+    gt_sdf: Tensor | None,
+) -> dict[str, Term]:
+    """L_sup of the labelled rows and its parts: ``loss_seg``, ``loss_seg_dice``, ``loss_dis_dice``, (paper)
+    ``loss_sdf``, and ``supervised_loss``."""
     lb = labeled_bs
     fg = student_dis.shape[1] - 1  # the foreground channel of d: 1 of 2, or the only one
     target = label[:lb] == 1
@@ -199,29 +220,23 @@ def ugmcl_objective(
         terms["loss_sdf"] = sdf_regression_loss(student_dis[:lb], gt_sdf)
         supervised = supervised + terms["loss_sdf"]
     terms["supervised_loss"] = supervised
-
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
-    threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, _NUM_CLASSES)
-    mask = (uncertainty < threshold).to(student_logits.dtype)
-    terms["consistency_weight"] = weight
-    terms["threshold"] = threshold
-    terms["uncertainty"] = uncertainty
-    terms["mask"] = mask
-
-    seg_dist = masked_consistency(softmax_mse(student_logits, teacher_logits), mask)
-    if variant == "paper":
-        sdf_dist = masked_consistency((student_dis - cast(Tensor, teacher_dis)) ** 2, mask)  # checked above
-        terms["seg_consistency_dist"] = seg_dist
-        terms["sdf_consistency_dist"] = sdf_dist
-        terms["consistency_dist"] = 0.5 * (beta * seg_dist + (1.0 - beta) * sdf_dist)
-    else:
-        terms["consistency_dist"] = 0.5 * seg_dist
-    terms["consistency_loss"] = weight * terms["consistency_dist"]
-
-    terms["cross_task_dist"] = cross_task_consistency(student_dis, student_logits, sdf_k)
-    terms["cross_task_loss"] = weight * terms["cross_task_dist"]
-    terms["loss"] = supervised + terms["consistency_loss"] + terms["cross_task_loss"]
     return terms
+
+
+def _intra_task_terms(
+    student_dis: Tensor, student_logits: Tensor, teacher_logits: Tensor, teacher_dis: Tensor | None, mask: Tensor,
+    variant: str, beta: float,
+) -> dict[str, Tensor]:
+    """L_intra as ``consistency_dist``, with (paper) its parts ``seg_consistency_dist`` and ``sdf_consistency_dist``."""
+    seg_dist = masked_consistency(softmax_mse(student_logits, teacher_logits), mask)
+    if variant != "paper":
+        return {"consistency_dist": 0.5 * seg_dist}
+    sdf_dist = masked_consistency((student_dis - cast(Tensor, teacher_dis)) ** 2, mask)  # checked by _check_inputs
+    return {
+        "seg_consistency_dist": seg_dist,
+        "sdf_consistency_dist": sdf_dist,
+        "consistency_dist": 0.5 * (beta * seg_dist + (1.0 - beta) * sdf_dist),
+    }
 
 
 def _dual_output(output: Any, who: str) -> tuple[Tensor, Tensor]:

@@ -20,29 +20,21 @@ Validation and testing use the first output z_1 (the finest level), as SSL4MIS's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, Passes
-from methods.supervised import (
-    DiceMode,
-    check_consistency_rows,
-    consistency_rows,
-    floats_for_log,
-    row_slice,
-    supervised_terms,
-)
+from methods.base import Batch, Method, Passes, Term
+from methods.supervised import ConsistencyOptions, DiceMode, floats_for_log, row_slice, supervised_terms
 from utils.losses import kl_divergence_map, uncertainty_rectified_consistency
-from utils.ramps import consistency_weight
+from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["URPC", "urpc_objective"]
 
-Term = Union[Tensor, float]
 _RELEASED_ROWS = "unlabeled"
 _MIN_LEVELS = 3  # a two-element output is a dual-task (dis, logits) network, not a pyramid
 
@@ -68,16 +60,8 @@ def _pyramid(output: Any) -> list[Tensor]:
 
 
 def urpc_objective(
-    level_logits: Sequence[Tensor],
-    label: Tensor,
-    labeled_bs: int,
-    step: int,
-    *,
-    rows: str = _RELEASED_ROWS,
-    consistency: float = 0.1,
-    consistency_rampup: float = 200.0,
-    consistency_interval: int = 150,
-    dice: DiceMode = "classes",
+    level_logits: Sequence[Tensor], label: Tensor, labeled_bs: int, step: int, *, rows: str = _RELEASED_ROWS,
+    ramp: ConsistencyRamp = ConsistencyRamp(), dice: DiceMode = "classes",
 ) -> dict[str, Term]:
     """Every term of the URPC loss (module docstring).
 
@@ -87,7 +71,7 @@ def urpc_objective(
         labeled_bs: number of labelled rows at the start of the batch.
         step: the 0-based iteration t.
         rows: R, ``"unlabeled"`` (released) or ``"all"``.
-        consistency, consistency_rampup, consistency_interval: the weight ramp w(t) (0.1, 200, 150).
+        ramp: the weight ramp w(t) (default: the released 0.1, 200, 150).
         dice: the Dice of the supervised part (``methods.supervised.supervised_terms``).
     Returns:
         tensors ``loss``, ``supervised_loss`` (L_sup), ``loss_ce`` and ``loss_dice`` (each averaged over the levels),
@@ -117,7 +101,7 @@ def urpc_objective(
     mean_prob = (sum(probs) / n)[sel]  # type: ignore[index]
     uncertainties = [kl_divergence_map(mean_prob, torch.log_softmax(z[sel], dim=1)) for z in levels]
     level_losses = [uncertainty_rectified_consistency(p[sel], mean_prob, u) for p, u in zip(probs, uncertainties)]
-    weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
+    weight = ramp.weight(step)
     terms["consistency_weight"] = weight
     terms["uncertainty"] = (sum(uncertainties) / n).detach()  # type: ignore[union-attr]
     terms["uncertainty_mean"] = terms["uncertainty"].mean()
@@ -127,7 +111,7 @@ def urpc_objective(
     return terms
 
 
-class URPC(Method):
+class URPC(ConsistencyOptions, Method):
     """URPC; reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``num_classes`` and the optional
     ``consistency_rows`` (default ``"released"``).
 
@@ -143,33 +127,18 @@ class URPC(Method):
     logged = ("supervised_loss", "loss_ce", "loss_dice", "consistency_dist", "consistency_loss", "consistency_weight",
               "uncertainty_mean")
 
+    released_rows = _RELEASED_ROWS
     default_model = "unet_3D_ds"
-
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
-        super().check_config(cfg)
-        check_consistency_rows(cfg)
 
     def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
                  forward: nn.Module | None = None) -> None:
         super().__init__(student, cfg, passes, forward)
-        self.rows = consistency_rows(cfg, _RELEASED_ROWS)
         self._last_uncertainty: Tensor | None = None
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Student forward on the whole batch (all K levels), then the objective."""
-        cfg = self.cfg
         levels = _pyramid(self.run_student(batch.image))
-        terms = urpc_objective(
-            levels,
-            batch.label,
-            batch.labeled_bs,
-            step,
-            rows=self.rows,
-            consistency=cfg.consistency,
-            consistency_rampup=cfg.consistency_rampup,
-            consistency_interval=cfg.consistency_interval,
-        )
+        terms = urpc_objective(levels, batch.label, batch.labeled_bs, step, rows=self.rows, ramp=self.ramp)
         self._last_uncertainty = terms["uncertainty"][0, 0]  # type: ignore[index]
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]
 

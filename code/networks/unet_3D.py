@@ -125,9 +125,20 @@ class UnetDsv3(nn.Module):
 
 
 class _UNet3DTrunk(nn.Module):
-    """Encoder, bottleneck and decoder blocks shared by the models below (registered in the original order)."""
+    """Encoder, bottleneck and decoder blocks shared by the models below (registered in the original order).
 
-    def __init__(self, feature_scale: int, in_channels: int, is_batchnorm: bool) -> None:
+    After the blocks, a model adds its heads (:meth:`_add_heads`); then every conv is Kaiming-initialised once
+    more, model-wide, as released. Arguments as :class:`unet_3D`.
+    """
+
+    def __init__(
+        self,
+        feature_scale: int = 4,
+        n_classes: int = 2,
+        is_deconv: bool = True,
+        in_channels: int = 1,
+        is_batchnorm: bool = True,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.feature_scale = feature_scale
@@ -147,6 +158,14 @@ class _UNet3DTrunk(nn.Module):
         self.up_concat3 = UnetUp3_CT(f[3], f[2], is_batchnorm)
         self.up_concat2 = UnetUp3_CT(f[2], f[1], is_batchnorm)
         self.up_concat1 = UnetUp3_CT(f[1], f[0], is_batchnorm)
+        self.n_classes = n_classes
+        self.is_deconv = is_deconv
+        self._add_heads(n_classes)
+        _kaiming_init_convs(self)
+
+    def _add_heads(self, n_classes: int) -> None:
+        """Register the model's output layers (and dropouts) after the trunk."""
+        raise NotImplementedError
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Return the four skip maps (full, 1/2, 1/4, 1/8 resolution) and the bottleneck (1/16)."""
@@ -183,21 +202,11 @@ class unet_3D(_UNet3DTrunk):  # noqa: N801 - the published name
             a size of only (16, 16, 16).
     """
 
-    def __init__(
-        self,
-        feature_scale: int = 4,
-        n_classes: int = 2,
-        is_deconv: bool = True,
-        in_channels: int = 1,
-        is_batchnorm: bool = True,
-    ) -> None:
-        super().__init__(feature_scale, in_channels, is_batchnorm)
-        self.n_classes = n_classes
-        self.is_deconv = is_deconv
+    def _add_heads(self, n_classes: int) -> None:
+        """``final`` (Conv3d k1, ``filters[0]`` -> ``n_classes``) and the two Dropout(p=0.3)."""
         self.final = nn.Conv3d(self.filters[0], n_classes, kernel_size=1)
         self.dropout1 = nn.Dropout(p=0.3)
         self.dropout2 = nn.Dropout(p=0.3)
-        _kaiming_init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, D, H, W) -> logits (B, n_classes, D, H, W)."""
@@ -250,17 +259,8 @@ class unet_3D_ds(_UNet3DTrunk):  # noqa: N801 - named like its siblings
         ValueError: as :class:`unet_3D`.
     """
 
-    def __init__(
-        self,
-        feature_scale: int = 4,
-        n_classes: int = 2,
-        is_deconv: bool = True,
-        in_channels: int = 1,
-        is_batchnorm: bool = True,
-    ) -> None:
-        super().__init__(feature_scale, in_channels, is_batchnorm)
-        self.n_classes = n_classes
-        self.is_deconv = is_deconv
+    def _add_heads(self, n_classes: int) -> None:
+        """The four deep-supervision heads ``dsv4`` .. ``dsv1`` and the four Dropout3d."""
         f = self.filters
         self.dsv4 = UnetDsv3(f[3], n_classes, scale_factor=8)
         self.dsv3 = UnetDsv3(f[2], n_classes, scale_factor=4)
@@ -270,7 +270,6 @@ class unet_3D_ds(_UNet3DTrunk):  # noqa: N801 - named like its siblings
         self.dropout2 = nn.Dropout3d(p=0.3)
         self.dropout3 = nn.Dropout3d(p=0.2)
         self.dropout4 = nn.Dropout3d(p=0.1)
-        _kaiming_init_convs(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(B, in_channels, D, H, W) -> (dsv1, dsv2, dsv3, dsv4), each (B, n_classes, D, H, W)."""

@@ -97,9 +97,19 @@ class UpsamplingDeconvBlock(nn.Module):
 
 
 class _VNetTrunk(nn.Module):
-    """Encoder-decoder shared by :class:`VNet` and :class:`VNet_dt`; ``_features`` gives the last decoder map."""
+    """Encoder-decoder shared by :class:`VNet` and :class:`VNet_dt`; ``_features`` gives the last decoder map.
 
-    def __init__(self, n_channels: int, n_filters: int, normalization: str, has_dropout: bool) -> None:
+    After the trunk, a model adds its 1x1x1 heads (:meth:`_add_heads`). Arguments as :class:`VNet`.
+    """
+
+    def __init__(
+        self,
+        n_channels: int = 1,
+        n_classes: int = 2,
+        n_filters: int = 16,
+        normalization: Normalization = "batchnorm",
+        has_dropout: bool = False,
+    ) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
@@ -129,6 +139,11 @@ class _VNetTrunk(nn.Module):
         self.block_eight_up = UpsamplingDeconvBlock(2 * n, n, normalization=norm)
         self.block_nine = ConvBlock(1, n, n, norm)
         self.dropout = nn.Dropout3d(p=0.5)
+        self._add_heads(n_filters, n_classes)
+
+    def _add_heads(self, n_filters: int, n_classes: int) -> None:
+        """Register the model's heads on the last decoder features (``n_filters`` channels)."""
+        raise NotImplementedError
 
     def _features(self, x: Tensor, turnoff_drop: bool) -> Tensor:
         """(B, n_channels, D, H, W) -> last decoder features (B, n_filters, D, H, W)."""
@@ -170,15 +185,8 @@ class VNet(_VNetTrunk):
             ``instancenorm``) a size of only (16, 16, 16).
     """
 
-    def __init__(
-        self,
-        n_channels: int = 1,
-        n_classes: int = 2,
-        n_filters: int = 16,
-        normalization: Normalization = "batchnorm",
-        has_dropout: bool = False,
-    ) -> None:
-        super().__init__(n_channels, n_filters, normalization, has_dropout)
+    def _add_heads(self, n_filters: int, n_classes: int) -> None:
+        """``out_conv``, the segmentation head."""
         self.out_conv = nn.Conv3d(n_filters, n_classes, 1, padding=0)
 
     def forward(self, x: Tensor, turnoff_drop: bool = False) -> Tensor:
@@ -205,15 +213,8 @@ class VNet_dt(_VNetTrunk):  # noqa: N801 - named like unet_3D_dt
         ValueError: as :class:`VNet`.
     """
 
-    def __init__(
-        self,
-        n_channels: int = 1,
-        n_classes: int = 2,
-        n_filters: int = 16,
-        normalization: Normalization = "batchnorm",
-        has_dropout: bool = False,
-    ) -> None:
-        super().__init__(n_channels, n_filters, normalization, has_dropout)
+    def _add_heads(self, n_filters: int, n_classes: int) -> None:
+        """``out_conv`` (the SDF head, before the tanh) and ``out_conv2`` (the segmentation head)."""
         self.out_conv = nn.Conv3d(n_filters, n_classes, 1, padding=0)
         self.out_conv2 = nn.Conv3d(n_filters, n_classes, 1, padding=0)
         self.tanh = nn.Tanh()

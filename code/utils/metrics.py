@@ -266,9 +266,7 @@ def asd(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
     Equals ``medpy.metric.binary.asd(pred, gt)`` (``result=pred``, ``reference=gt``).
 
     Args:
-        pred: predicted mask, (D, H, W) or any nd; nonzero = foreground.
-        gt: ground-truth mask, same shape.
-        spacing: voxel size per axis (or one number for all); None = 1 (distances in voxels).
+        pred, gt, spacing: as in :func:`hd95`.
 
     Returns:
         ASD in spacing units; NaN when either mask is empty.
@@ -288,9 +286,7 @@ def assd(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
     Equals ``medpy.metric.binary.assd(pred, gt)`` of medpy 0.5 (medpy 0.4 averaged the two directed means).
 
     Args:
-        pred: predicted mask, (D, H, W) or any nd; nonzero = foreground.
-        gt: ground-truth mask, same shape.
-        spacing: voxel size per axis (or one number for all); None = 1 (distances in voxels).
+        pred, gt, spacing: as in :func:`hd95`.
 
     Returns:
         ASSD in spacing units; NaN when either mask is empty.

@@ -7,8 +7,16 @@ Every ramp maps an iteration (or epoch) counter ``current`` and a length ``L`` t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["consistency_weight", "cosine_rampdown", "cosine_rampup", "linear_rampup", "sigmoid_rampup"]
+__all__ = [
+    "ConsistencyRamp",
+    "consistency_weight",
+    "cosine_rampdown",
+    "cosine_rampup",
+    "linear_rampup",
+    "sigmoid_rampup",
+]
 
 
 def _check_length(length: float, name: str) -> None:
@@ -86,3 +94,26 @@ def consistency_weight(step: int, consistency: float = 0.1, rampup_length: float
     if interval < 1:
         raise ValueError(f"interval must be >= 1, but found {interval}")
     return consistency * sigmoid_rampup(step // interval, rampup_length)
+
+
+@dataclass(frozen=True)
+class ConsistencyRamp:
+    """The options of the consistency weight ramp w(t) that the training methods share (see :func:`consistency_weight`).
+
+    Attributes:
+        consistency: the final weight (``--consistency``, 0.1).
+        rampup: L, in units of ``interval`` iterations (``--consistency_rampup``, 200).
+        interval: iterations per ramp step (``--consistency_interval``, 150).
+    """
+
+    consistency: float = 0.1
+    rampup: float = 200.0
+    interval: int = 150
+
+    def weight(self, step: int) -> float:
+        """``w(t) = consistency * sigmoid_rampup(t // interval, rampup)``.
+
+        Raises:
+            ValueError: if ``interval`` < 1 or ``rampup`` < 0.
+        """
+        return consistency_weight(step, self.consistency, self.rampup, self.interval)

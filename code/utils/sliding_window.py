@@ -18,10 +18,11 @@ overlapping windows, argmax, padding cropped away.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
-from typing import Any, Callable, Literal, Sequence, Tuple
+from typing import Any, Callable, Iterator, Literal, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -214,17 +215,7 @@ def predict_sliding_window(
             (windows would leave gaps), an unknown ``blend``, ``batch_size < 1``, or a ``predict`` output of the
             wrong shape.
     """
-    patch = _as_triplet(patch, "patch")
-    stride = _as_triplet(stride, "stride")
-    if image.dim() != 4:
-        raise ValueError(f"image must be (C, D, H, W), found shape {tuple(image.shape)}")
-    if any(s > p for s, p in zip(stride, patch)):
-        raise ValueError(f"stride {stride} must not exceed patch {patch} on any axis (windows would leave gaps)")
-    if blend not in ("uniform", "gaussian"):
-        raise ValueError(f"blend must be 'uniform' or 'gaussian', found {blend!r}")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, found {batch_size!r}")
-
+    patch, stride = _checked_windows(image, patch, stride, blend, batch_size)
     with torch.inference_mode():
         padded, unpad = pad_to_patch(image, patch)
         spatial = tuple(padded.shape[1:])
@@ -235,14 +226,7 @@ def predict_sliding_window(
         for first in range(0, len(windows), batch_size):
             group = windows[first : first + batch_size]
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
-            batch = torch.stack([padded[(slice(None), *region)] for region in regions])
-            out = _predict_with_flips(predict, batch, tta_flip)
-            if out.dim() != 5 or out.shape[0] != len(group) or tuple(out.shape[2:]) != patch:
-                raise ValueError(
-                    f"predict must map {tuple(batch.shape)} to (N, K, {patch[0]}, {patch[1]}, {patch[2]}) "
-                    f"with N = {len(group)}, found {tuple(out.shape)}"
-                )
-            out = out.to(device=image.device, dtype=torch.float32)
+            out = _predict_windows(predict, padded, regions, patch, tta_flip)
             if scores is None:
                 scores = torch.zeros((out.shape[1], *spatial), dtype=torch.float32, device=image.device)
             for window_out, region in zip(out, regions):
@@ -255,6 +239,37 @@ def predict_sliding_window(
         if scores is None:  # unreachable: every image has at least one window
             raise RuntimeError(f"no windows for image {tuple(image.shape)} and patch {patch}")
         return (scores / weight_sum)[unpad]
+
+
+def _checked_windows(
+    image: Tensor, patch: int | Sequence[int], stride: int | Sequence[int], blend: str, batch_size: int
+) -> tuple[Shape3D, Shape3D]:
+    """``(patch, stride)`` as triplets, once the options of :func:`predict_sliding_window` are checked."""
+    patch = _as_triplet(patch, "patch")
+    stride = _as_triplet(stride, "stride")
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C, D, H, W), found shape {tuple(image.shape)}")
+    if any(s > p for s, p in zip(stride, patch)):
+        raise ValueError(f"stride {stride} must not exceed patch {patch} on any axis (windows would leave gaps)")
+    if blend not in ("uniform", "gaussian"):
+        raise ValueError(f"blend must be 'uniform' or 'gaussian', found {blend!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, found {batch_size!r}")
+    return patch, stride
+
+
+def _predict_windows(
+    predict: Predictor, padded: Tensor, regions: Sequence[tuple[slice, ...]], patch: Shape3D, tta_flip: bool
+) -> Tensor:
+    """``predict`` of the stacked windows ``padded[:, region]``, checked, as float32 on ``padded``'s device."""
+    batch = torch.stack([padded[(slice(None), *region)] for region in regions])
+    out = _predict_with_flips(predict, batch, tta_flip)
+    if out.dim() != 5 or out.shape[0] != len(regions) or tuple(out.shape[2:]) != patch:
+        raise ValueError(
+            f"predict must map {tuple(batch.shape)} to (N, K, {patch[0]}, {patch[1]}, {patch[2]}) "
+            f"with N = {len(regions)}, found {tuple(out.shape)}"
+        )
+    return out.to(device=padded.device, dtype=torch.float32)
 
 
 def _autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -345,6 +360,21 @@ def sliding_window_probabilities(
     autocast_dtype = _autocast_dtype(device, amp)
     tensor = _as_image_tensor(image, device)
     net = _network_for(net, device)
+    predict = _window_softmax(net, device, autocast_dtype, mc_passes)
+    with _prediction_modes(net, mc_dropout=mc_passes > 0):
+        stride = (stride_xy, stride_xy, stride_z)
+        probabilities = predict_sliding_window(predict, tensor, patch, stride, blend, batch_size, tta_flip)
+    uncertainty = None
+    if mc_passes > 0:
+        with torch.inference_mode():
+            uncertainty = -(probabilities * torch.log(probabilities + _ENTROPY_EPS)).sum(dim=0)
+    return probabilities, uncertainty
+
+
+def _window_softmax(net: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
+                    mc_passes: int) -> Predictor:
+    """The window predictor of :func:`sliding_window_probabilities`: float32 softmax of the segmentation logits
+    (the network under autocast when ``autocast_dtype`` is set), or the mean of ``mc_passes`` of them when > 0."""
 
     def softmax_of(batch: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -356,36 +386,28 @@ def sliding_window_probabilities(
             return softmax_of(batch)
         return torch.stack([softmax_of(batch) for _ in range(mc_passes)]).mean(dim=0)
 
+    return predict
+
+
+@contextlib.contextmanager
+def _prediction_modes(net: nn.Module, mc_dropout: bool) -> Iterator[None]:
+    """Eval mode, with the dropout layers on for MC dropout; every module's own mode is restored afterwards."""
     was_training = {module: module.training for module in net.modules()}
     try:
-        if mc_passes > 0:
+        if mc_dropout:
             _set_dropout_train(net)
         else:
             net.eval()
-        stride = (stride_xy, stride_xy, stride_z)
-        probabilities = predict_sliding_window(predict, tensor, patch, stride, blend, batch_size, tta_flip)
+        yield
     finally:
         for module, training in was_training.items():
             module.training = training
-    uncertainty = None
-    if mc_passes > 0:
-        with torch.inference_mode():
-            uncertainty = -(probabilities * torch.log(probabilities + _ENTROPY_EPS)).sum(dim=0)
-    return probabilities, uncertainty
 
 
 def predict_volume_labels(
-    net: nn.Module,
-    image: np.ndarray | Tensor,
-    patch: int | Sequence[int] = (96, 96, 96),
-    stride_xy: int = 64,
-    stride_z: int = 64,
-    blend: Blend = "uniform",
-    batch_size: int = 1,
-    tta_flip: bool = False,
-    amp: bool = False,
-    mc_passes: int = 0,
-    device: torch.device | str | None = None,
+    net: nn.Module, image: np.ndarray | Tensor, patch: int | Sequence[int] = (96, 96, 96), stride_xy: int = 64,
+    stride_z: int = 64, blend: Blend = "uniform", batch_size: int = 1, tta_flip: bool = False, amp: bool = False,
+    mc_passes: int = 0, device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Label map of a volume: argmax over classes of :func:`sliding_window_probabilities`.
 

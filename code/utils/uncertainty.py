@@ -100,7 +100,6 @@ def mc_dropout_uncertainty(
     extract = logits_fn if logits_fn is not None else segmentation_logits
     run = forward if forward is not None else (lambda x: extract(teacher(x)))
     chunk = passes if chunk == 0 else min(chunk, passes)
-    batch = image.shape[0]
 
     noise_device = generator.device if generator is not None else image.device
     noise = torch.randn((passes, *image.shape), generator=generator, device=noise_device, dtype=image.dtype)
@@ -109,24 +108,34 @@ def mc_dropout_uncertainty(
     was_training = teacher.training
     teacher.train()
     try:
-        prob_sum: Tensor | None = None
-        for start in range(0, passes, chunk):
-            n = min(chunk, passes - start)
-            noisy = (image.unsqueeze(0) + noise[start : start + n]).reshape(n * batch, *image.shape[1:])
-            logits = run(noisy)
-            if logits.shape[0] != n * batch:
-                raise ValueError(
-                    f"the teacher returned {logits.shape[0]} rows for an input of {n * batch} rows "
-                    f"({n} passes x batch {batch})"
-                )
-            prob = torch.softmax(logits.float(), dim=1).reshape(n, batch, *logits.shape[1:])
-            # Add the passes one by one, in order, so the sum does not depend on the chunk size.
-            for p in prob:
-                prob_sum = p.clone() if prob_sum is None else prob_sum.add_(p)
+        mean_prob = _mean_softmax(run, image, noise, chunk)
     finally:
         teacher.train(was_training)
-    mean_prob = cast(Tensor, prob_sum) / passes  # passes >= 1, so the sum exists
     return _entropy(mean_prob, eps), mean_prob
+
+
+def _mean_softmax(run: Callable[[Tensor], Tensor], image: Tensor, noise: Tensor, chunk: int) -> Tensor:
+    """``(1/T) sum_t softmax(run(x + n_t))`` over the T = ``len(noise)`` passes, run ``chunk`` at a time.
+
+    Raises:
+        ValueError: if ``run`` returns another number of rows than it was given.
+    """
+    passes, batch = noise.shape[0], image.shape[0]
+    prob_sum: Tensor | None = None
+    for start in range(0, passes, chunk):
+        n = min(chunk, passes - start)
+        noisy = (image.unsqueeze(0) + noise[start : start + n]).reshape(n * batch, *image.shape[1:])
+        logits = run(noisy)
+        if logits.shape[0] != n * batch:
+            raise ValueError(
+                f"the teacher returned {logits.shape[0]} rows for an input of {n * batch} rows "
+                f"({n} passes x batch {batch})"
+            )
+        prob = torch.softmax(logits.float(), dim=1).reshape(n, batch, *logits.shape[1:])
+        # Add the passes one by one, in order, so the sum does not depend on the chunk size.
+        for p in prob:
+            prob_sum = p.clone() if prob_sum is None else prob_sum.add_(p)
+    return cast(Tensor, prob_sum) / passes  # passes >= 1, so the sum exists
 
 
 def uncertainty_threshold(

@@ -96,27 +96,11 @@ def save_overlay_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    image = np.asarray(image)
-    if image.ndim == 4:
-        image = image[0]
-    if image.ndim != 3:
-        raise ValueError(f"image must be (D, H, W) or (C, D, H, W), found shape {image.shape}")
-    volumes = {"pred": pred, "label": label, "uncertainty": uncertainty}
-    for name, volume in volumes.items():
-        if volume is not None and np.asarray(volume).shape != image.shape:
-            raise ValueError(f"{name} has shape {np.asarray(volume).shape}, expected the image shape {image.shape}")
-    if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2, found {axis!r}")
-    if not (panel_inches > 0 and dpi > 0):
-        raise ValueError(f"panel_inches and dpi must be positive, found {panel_inches!r} and {dpi!r}")
+    image = _checked_image(image, label, pred, uncertainty, axis, panel_inches, dpi)
     pred_mask = np.asarray(pred) != 0
     label_mask = np.asarray(label) != 0 if label is not None else None
     if index is None:
-        index = largest_cross_section(label_mask, axis) if label_mask is not None else None
-        if index is None:
-            index = largest_cross_section(pred_mask, axis)
-        if index is None:
-            index = image.shape[axis] // 2
+        index = _default_slice(label_mask, pred_mask, image.shape[axis], axis)
     if not 0 <= index < image.shape[axis]:
         raise ValueError(f"index {index} is outside the volume's {image.shape[axis]} slices along axis {axis}")
 
@@ -135,14 +119,7 @@ def save_overlay_png(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, data) in zip(axes, panels):
-        if name == "FLAIR":
-            ax.imshow(background, cmap="gray", interpolation="nearest")
-        elif name == "uncertainty":
-            shown = ax.imshow(data, cmap="magma", interpolation="nearest")
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
-        else:
-            colour = _LABEL_COLOUR if name == "label" else _PRED_COLOUR
-            _overlay(ax, background, np.asarray(data), colour)
+        _draw_panel(fig, ax, name, data, background)
         ax.set_title(f"{name} (axis {axis}, slice {index})" if name == "FLAIR" else name, fontsize=8)
         ax.set_axis_off()
     if title:
@@ -151,3 +128,46 @@ def save_overlay_png(
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return path
+
+
+def _checked_image(
+    image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, uncertainty: np.ndarray | None, axis: int,
+    panel_inches: float, dpi: int,
+) -> np.ndarray:
+    """The (D, H, W) image shown (channel 0 of a 4-D one), once the arguments of :func:`save_overlay_png` are checked."""
+    image = np.asarray(image)
+    if image.ndim == 4:
+        image = image[0]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (D, H, W) or (C, D, H, W), found shape {image.shape}")
+    volumes = {"pred": pred, "label": label, "uncertainty": uncertainty}
+    for name, volume in volumes.items():
+        if volume is not None and np.asarray(volume).shape != image.shape:
+            raise ValueError(f"{name} has shape {np.asarray(volume).shape}, expected the image shape {image.shape}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, found {axis!r}")
+    if not (panel_inches > 0 and dpi > 0):
+        raise ValueError(f"panel_inches and dpi must be positive, found {panel_inches!r} and {dpi!r}")
+    return image
+
+
+def _default_slice(label_mask: np.ndarray | None, pred_mask: np.ndarray, slices: int, axis: int) -> int:
+    """The largest cross-section of the label, else of the prediction, else the middle of the ``slices``."""
+    index = largest_cross_section(label_mask, axis) if label_mask is not None else None
+    if index is None:
+        index = largest_cross_section(pred_mask, axis)
+    if index is None:
+        index = slices // 2
+    return index
+
+
+def _draw_panel(fig: object, ax: object, name: str, data: object, background: np.ndarray) -> None:
+    """One panel: the FLAIR slice, an overlay of the label or the prediction, or the uncertainty with a colour bar."""
+    if name == "FLAIR":
+        ax.imshow(background, cmap="gray", interpolation="nearest")  # type: ignore[attr-defined]
+    elif name == "uncertainty":
+        shown = ax.imshow(data, cmap="magma", interpolation="nearest")  # type: ignore[attr-defined]
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)  # type: ignore[attr-defined]
+    else:
+        colour = _LABEL_COLOUR if name == "label" else _PRED_COLOUR
+        _overlay(ax, background, np.asarray(data), colour)
