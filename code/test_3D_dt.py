@@ -25,7 +25,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import h5py
+
 import speed
+from dataloaders.brats2019 import CaseDataset
+from dataloaders.datasets import DATASETS
 from engine.evaluate import CaseFileError, Outputs, evaluate, format_summary_table
 from engine.prediction import add_prediction_arguments, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
@@ -39,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained network on a BraTS2019 split: per-case metrics, summary and NIfTI outputs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--root_path", default="../data/BraTS2019", help="dataset folder (split lists and data/)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="brats2019",
+                        help="layout of the data (dataloaders/datasets.py); its patch and strides are the defaults")
+    parser.add_argument("--root_path", default=None, help="dataset folder (default: the dataset's, ../data/BraTS2019)")
+    parser.add_argument("--split_dir", default=None, help="folder of the split lists (default: --root_path)")
     parser.add_argument("--exp", default="BraTs2019_UGMCL_50", help="experiment name (folder under --model_dir)")
     parser.add_argument("--model", default="unet_3D_dt", choices=sorted(NETWORKS_3D), help="network name")
     parser.add_argument("--split", default="test", help="split list to evaluate (<root_path>/<split>.txt)")
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric_backend", choices=("ours", "medpy"), default="ours", help="surface-distance code")
     parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
     parser.add_argument("--num_classes", type=int, default=2, help="output classes")
-    parser.add_argument("--in_channels", type=int, default=1, help="input channels (1 = FLAIR)")
+    parser.add_argument("--in_channels", type=int, default=None, help="input channels (default: the data's)")
     parser.add_argument("--no_save", action="store_true", help="metrics only: write no NIfTI files")
     parser.add_argument("--overlay", action="store_true", help="also write a PNG overlay per case")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -74,6 +81,27 @@ def _missing_checkpoint_hint(exp: str, model: str) -> str:
     return "; train one with train_UGMCL_3D.py or pass --checkpoint"
 
 
+def _fill_dataset_defaults(args: argparse.Namespace) -> None:
+    """Options left unset take the dataset's values: folder, patch, strides; the input channels of its first case."""
+    layout = DATASETS[args.dataset]
+    if args.root_path is None:
+        args.root_path = layout.defaults.get("root_path")
+        if args.root_path is None:
+            raise ValueError(f"--dataset {args.dataset} has no default folder: give --root_path")
+    if args.patch_size is None:
+        args.patch_size = list(layout.defaults.get("patch_size", (96, 96, 96)))
+    for name in ("stride_xy", "stride_z"):
+        if getattr(args, name) is None and name in layout.defaults:
+            setattr(args, name, layout.defaults[name])
+    if args.in_channels is None:
+        first = CaseDataset(args.root_path, args.split, layout=layout, split_dir=args.split_dir).image_list[:1]
+        if not first:
+            raise ValueError(f"{layout.split_path(args.root_path, args.split, args.split_dir)} lists no case")
+        with h5py.File(layout.case_path(args.root_path, first[0]), "r") as f:
+            shape = f["image"].shape
+        args.in_channels = shape[0] if len(shape) == 4 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; return the exit status (0 ok, 1 error with one line on stderr)."""
     args = build_parser().parse_args(argv)
@@ -81,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model_dir) / args.exp / f"{args.model}_predictions"
     try:
         device = get_device(args.device)
+        _fill_dataset_defaults(args)
         window = window_from_args(args)
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
         net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes, **kwargs)
@@ -99,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "speed": vars(fast.options),
         }
         outputs = Outputs(nifti=not args.no_save, native=args.native, overlay_png=args.overlay)
-        result = evaluate(fast.net, args.root_path, out_dir, window=window, split=args.split, device=device,
-                          lcc=args.lcc, metric_backend=args.metric_backend, outputs=outputs,
+        result = evaluate(fast.net, args.root_path, out_dir, window=window, split=args.split, dataset=args.dataset,
+                          split_dir=args.split_dir, device=device, lcc=args.lcc, metric_backend=args.metric_backend, outputs=outputs,
                           around_case=fast.around_case, config=config, progress=not args.no_progress)
     except CheckpointNotFoundError as err:
         print(f"error: {err}{_missing_checkpoint_hint(args.exp, args.model)}", file=sys.stderr)

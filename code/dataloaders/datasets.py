@@ -45,6 +45,7 @@ class DatasetLayout:
         models: the network a method trains on this dataset when ``--model`` is not given, by the method's usual
             one (e.g. ``{"unet_3D_dt": "vnet_dt"}``: the V-Net backbone of the LA papers).
         source: where the defaults come from.
+        spacing: the voxel size in mm of case files that store no geometry (None: 1 mm, the BraTS grid).
     """
 
     name: str
@@ -53,6 +54,7 @@ class DatasetLayout:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     models: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
+    spacing: tuple[float, float, float] | None = None
 
     def split_path(self, root: PathLike, split: str, split_dir: PathLike | None = None) -> Path:
         """The list file of ``split`` in ``split_dir`` (default ``root``); ``<split>.txt`` for a split the layout
@@ -88,6 +90,7 @@ DATASETS: dict[str, DatasetLayout] = {
         models={"unet_3D_dt": "vnet_dt"},
         source="UA-MT / DTC / UG-MCL on LA: V-Net, 112x112x80, 6000 iterations, lr 0.01 x0.1 every 2500, "
                "batch 4 (2 labelled), sliding window stride 18 (x, y) / 4 (z)",
+        spacing=(0.625, 0.625, 0.625),
     ),
     "pancreas": DatasetLayout(
         "pancreas", _LIST_SPLITS, "Pancreas_h5/{name}_norm.h5",

@@ -41,12 +41,13 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from dataloaders.brats2019 import BraTS2019
+from dataloaders.brats2019 import CaseDataset
 from dataloaders.case_checks import CaseFileError, check_case_file  # re-exported: they used to live here
 from dataloaders.preprocess import read_case_h5, restore_to_original
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case
+from engine.scoring import VOXEL_METRICS, metric_columns, score_case, summary_metrics
 from utils.atomic import atomic_path, atomic_write_text
-from utils.metrics import METRIC_NAMES, case_metrics, summarise
+from utils.metrics import METRIC_NAMES, summarise
 
 __all__ = [
     "CSV_COLUMNS",
@@ -67,8 +68,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-CSV_COLUMNS: tuple[str, ...] = ("case", *METRIC_NAMES, "empty_pred", "empty_gt", "seconds")
-"""Columns of ``metrics.csv``, in order."""
+CSV_COLUMNS: tuple[str, ...] = ("case", *METRIC_NAMES, *(f"{m}_vox" for m in VOXEL_METRICS), "empty_pred", "empty_gt",
+                                 "seconds")
+"""Columns of ``metrics.csv`` for two classes, in order; more classes and the BraTS regions add theirs before
+``empty_pred`` (``engine.scoring``)."""
 
 _BACKENDS = {"ours": "fast", "fast": "fast", "medpy": "medpy"}
 _GEOMETRY_KEYS = ("original_shape", "original_affine", "bbox_start", "bbox_stop_exclusive", "shape")
@@ -220,11 +223,13 @@ def _channels_last(image: np.ndarray) -> np.ndarray:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``metrics.csv``: :data:`CSV_COLUMNS`, with the per-class, region and voxel metrics after the foreground's."""
+    columns = ["case", *metric_columns(rows), "empty_pred", "empty_gt", "seconds"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_value(row[column]) for column in CSV_COLUMNS])
+        writer.writerow([_csv_value(row[column]) for column in columns])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -311,17 +316,18 @@ class _Case(NamedTuple):
     attrs: dict[str, Any]
 
 
-def _read(dataset: BraTS2019, name: str) -> _Case:
+def _read(dataset: CaseDataset, name: str) -> _Case:
     image, label, attrs = read_case(dataset.path_of(name))
+    if dataset.layout.spacing is not None and not any(k in attrs for k in ("affine", "original_affine", "spacing")):
+        attrs = {**attrs, "spacing": np.asarray(dataset.layout.spacing)}  # the layout's known voxel size
     return _Case(name, image, label, attrs)
 
 
-def _score(case: _Case, pred: np.ndarray, seconds: float, backend: str) -> dict[str, Any]:
-    """The metrics row of a case: foreground ``pred > 0`` against ``label > 0`` (prediction first)."""
+def _score(case: _Case, pred: np.ndarray, seconds: float, backend: str, classes: int, brats: bool) -> dict[str, Any]:
+    """The metrics row of a case (``engine.scoring``): foreground, classes and regions, prediction first."""
     gt = case.label[0] if case.label.ndim == 4 else case.label
     _, spacing = stored_geometry(case.attrs, gt.shape)
-    row: dict[str, Any] = {"case": case.name}
-    row.update(case_metrics(pred > 0, gt > 0, spacing=spacing, metric_backend=backend))
+    row: dict[str, Any] = {"case": case.name, **score_case(pred, gt, spacing, backend, classes, brats)}
     row["seconds"] = round(seconds, 3)
     return row
 
@@ -356,14 +362,12 @@ def _summary(rows: list[dict[str, Any]], settings: dict[str, Any], native_skippe
     flat = summarise(rows)
     return {
         "n_cases": flat["n_cases"],
-        "metrics": {
-            metric: {"mean": flat[f"{metric}_mean"], "std": flat[f"{metric}_std"], "n_nan": flat[f"n_nan_{metric}"]}
-            for metric in METRIC_NAMES
-        },
+        "metrics": summary_metrics(rows),
         "n_empty_pred": flat.get("n_empty_pred", 0),
         "n_empty_gt": flat.get("n_empty_gt", 0),
         "n_native_skipped": native_skipped,
-        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm"},
+        "units": {"dice": "fraction", "jaccard": "fraction", "hd95": "mm", "asd": "mm", "assd": "mm",
+                  "<metric>_vox": "voxels"},
         "definitions": (
             "metrics of (prediction, ground truth) in that order; HD95 pools both directed surface-distance sets "
             "(medpy); ASD is directed prediction -> ground truth, ASSD symmetric; a case with an empty prediction "
@@ -374,12 +378,12 @@ def _summary(rows: list[dict[str, Any]], settings: dict[str, Any], native_skippe
     }
 
 
-def _open_cases(root_path: PathLike, split: str) -> tuple[BraTS2019, list[str]]:
+def _open_cases(root_path: PathLike, split: str, layout: str, split_dir: PathLike | None) -> tuple[CaseDataset, list[str]]:
     """The split's dataset and case names, every case file checked before the first prediction."""
-    dataset = BraTS2019(root_path, split=split)  # checks the split list and that every case file exists
+    dataset = CaseDataset(root_path, split, layout=layout, split_dir=split_dir)  # the list and every file exist
     names = list(dataset.image_list)
     if not names:
-        raise ValueError(f"{Path(root_path) / (split + '.txt')} lists no case")
+        raise ValueError(f"{dataset.layout.split_path(root_path, split, split_dir)} lists no case")
     for name in names:
         check_case_file(dataset.path_of(name))
     return dataset, names
@@ -392,6 +396,8 @@ def evaluate(
     *,
     window: SlidingWindow = SlidingWindow(),
     split: str = "test",
+    dataset: str = "brats2019",
+    split_dir: PathLike | None = None,
     device: torch.device | str | None = None,
     lcc: bool = False,
     metric_backend: str = "fast",
@@ -401,21 +407,21 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
-    """Predict and score every case of ``<root_path>/<split>.txt``; write the results into ``out_dir``.
+    """Predict and score every case of the ``split`` list; write the results into ``out_dir``.
 
-    Per case, in order: read the case, predict (:func:`engine.prediction.predict_case`), post-process (``lcc``),
-    score (:func:`utils.metrics.case_metrics` in the voxel size of :func:`stored_geometry`, 1 mm = voxels for the
-    published data), write. Empty predictions or labels never stop the run: their Dice/Jaccard follow
-    ``utils.metrics`` (1 both empty, 0 one empty) and their surface distances are NaN, left out of the means and
-    counted (``n_nan`` per metric, ``n_empty_pred``, ``n_empty_gt``).
+    Per case, in order: read, predict (:func:`engine.prediction.predict_case`), post-process (``lcc``), score
+    (``engine.scoring``: foreground, classes, BraTS regions, in the voxel size of :func:`stored_geometry` and in
+    voxels), write. Empty masks never stop the run: their surface distances are NaN, left out of the means, counted.
 
     Args:
         net: the network, moved to ``device`` when one is given.
-        root_path: dataset folder with ``<split>.txt`` and ``data/<case>.h5``.
+        root_path: the dataset's folder.
         out_dir: output folder (created; only the files named in the module docstring are written, existing
             files with other names are never touched). None writes nothing.
         window: the sliding-window settings (``mc_passes`` > 0 adds the uncertainty maps).
         split: split list name. Default ``"test"``.
+        dataset: the layout (``dataloaders.datasets``). Default ``"brats2019"``.
+        split_dir: folder of the split lists, when not ``root_path``.
         device: where to run; default the network's device.
         lcc: keep only the largest connected foreground component (:func:`keep_largest_component`). Default False.
         metric_backend: ``"fast"`` (alias ``"ours"``, default) or ``"medpy"``.
@@ -442,7 +448,7 @@ def evaluate(
     if device is not None:
         device = torch.device(device)
         net.to(device)
-    dataset, names = _open_cases(root_path, split)
+    cases, names = _open_cases(root_path, split, dataset, split_dir)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +456,7 @@ def evaluate(
                              outputs, backend, config)
     started = time.perf_counter()
     bar = tqdm(names, desc=f"test ({split})", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    rows, native_skipped = _run_cases(net, dataset, bar, out, window, device, lcc, backend, outputs, around_case)
+    rows, native_skipped = _run_cases(net, cases, bar, out, window, device, lcc, backend, outputs, around_case)
     if native_skipped:
         log(f"note: --native skipped {len(native_skipped)} case(s) whose h5 has no geometry attributes "
             f"(written by an older preprocessing), e.g. {native_skipped[0]}; re-run preprocess_brats2019.py")
@@ -462,7 +468,7 @@ def evaluate(
 
 
 def _run_cases(
-    net: nn.Module, dataset: BraTS2019, bar: tqdm, out: Path | None, window: SlidingWindow,
+    net: nn.Module, dataset: CaseDataset, bar: tqdm, out: Path | None, window: SlidingWindow,
     device: torch.device | str | None, lcc: bool, backend: str, outputs: Outputs,
     around_case: Callable[[], AbstractContextManager[Any]],
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -477,10 +483,11 @@ def _run_cases(
         case = _read(dataset, name)
         tic = time.perf_counter()
         with around_case():
-            pred, uncertainty, _ = predict_case(net, case.image, window, device)
+            pred, uncertainty, probabilities = predict_case(net, case.image, window, device)
         if lcc:
             pred = keep_largest_component(pred)
-        rows.append(_score(case, pred, time.perf_counter() - tic, backend))
+        brats = dataset.layout.name == "brats2019"
+        rows.append(_score(case, pred, time.perf_counter() - tic, backend, probabilities.shape[0], brats))
         bar.set_postfix(dice=f"{rows[-1]['dice']:.4f}")
         if out is not None and not _write(out, case, pred, uncertainty, rows[-1], outputs):
             native_skipped.append(name)

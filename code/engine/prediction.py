@@ -65,7 +65,8 @@ class SlidingWindow:
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     """The sliding-window options of ``test_3D_dt.py`` and ``predict.py`` (all of :class:`SlidingWindow` but
     ``mc_passes``, whose default differs), plus ``--device`` and ``--lcc``."""
-    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    parser.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="sliding-window patch (default: 96 96 96, or the dataset's)")
     parser.add_argument("--stride_xy", type=int, default=None,
                         help="sliding-window stride on the first two axes (default: two thirds of the patch)")
     parser.add_argument("--stride_z", type=int, default=None,
@@ -80,7 +81,8 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
 
 def window_from_args(args: argparse.Namespace) -> SlidingWindow:
     """The :class:`SlidingWindow` of parsed arguments (see :func:`add_prediction_arguments`)."""
-    return SlidingWindow(tuple(args.patch_size), args.stride_xy, args.stride_z, args.sw_batch, args.blend,
+    patch = tuple(args.patch_size) if args.patch_size is not None else (96, 96, 96)
+    return SlidingWindow(patch, args.stride_xy, args.stride_z, args.sw_batch, args.blend,
                          bool(args.tta), bool(args.amp), int(getattr(args, "mc_passes", 0)))
 
 
