@@ -56,7 +56,8 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
                    help=f"training patch (default: {' '.join(map(str, d.patch_size))} for brats2019, 112 112 80 for la)")
     g.add_argument("--in_channels", type=int, default=None,
                    help="input channels (default: those of the data, e.g. 4 after preprocessing with 4 --modalities)")
-    g.add_argument("--num_classes", type=int, default=d.num_classes)
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="output classes (default: those of <root>/dataset.json when prepare_dataset.py wrote it, else 2)")
     g.add_argument("--feature_scale", type=int, default=d.feature_scale, help="U-Net width divisor (4 = published)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_iterations", type=int, default=None,

@@ -4,14 +4,17 @@ one place (:func:`check_config`: the ranges of every numeric option, then the me
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Tuple
 
 from dataloaders.datasets import DATASETS
 from speed import SpeedOptions
 
-__all__ = ["ConfigError", "TrainConfig", "TrainingError", "check_config", "check_ranges", "default_stride"]
+__all__ = ["ConfigError", "TrainConfig", "TrainingError", "check_config", "check_ranges", "default_stride",
+           "described_classes"]
 
 
 class TrainingError(RuntimeError):
@@ -20,6 +23,14 @@ class TrainingError(RuntimeError):
 
 class ConfigError(TrainingError, ValueError):
     """An option value or combination that training cannot use; the message names the option."""
+
+
+def described_classes(description: Path) -> int | None:
+    """The ``num_classes`` of a data folder's ``dataset.json`` (written by ``prepare_dataset.py``), or None."""
+    try:
+        return int(json.loads(description.read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def default_stride(side: int) -> int:
@@ -49,7 +60,7 @@ class TrainConfig:
     labeled_num: int | None = None
     patch_size: Tuple[int, int, int] | None = None
     in_channels: int | None = None  # None: the channels of the data's images (read by the trainer)
-    num_classes: int = 2
+    num_classes: int | None = None  # None: the num_classes of <root>/dataset.json (prepare_dataset.py), else 2
     feature_scale: int = 4
     # optimisation
     max_iterations: int | None = None
@@ -105,6 +116,11 @@ class TrainConfig:
             if filled and self.dataset != "brats2019":
                 self.chosen.append(f"the defaults of --dataset {self.dataset} for {', '.join('--' + k for k in filled)}"
                                    f" ({layout.source})")
+        if self.num_classes is None:
+            described = described_classes(Path(self.root_path) / "dataset.json") if self.root_path else None
+            self.num_classes = described if described is not None else 2
+            if described is not None:
+                self.chosen.append(f"--num_classes {described} (the labels of {Path(self.root_path) / 'dataset.json'})")
         if self.patch_size is not None:
             self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.model is None:

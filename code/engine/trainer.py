@@ -38,7 +38,7 @@ from dataloaders.brats2019 import read_split_file
 from dataloaders.case_checks import check_split_cases
 from dataloaders.datasets import dataset_layout
 from engine.batches import make_batches
-from engine.config import ConfigError, TrainConfig, TrainingError, check_config
+from engine.config import ConfigError, TrainConfig, TrainingError, check_config, described_classes
 from engine.distributed import (
     DistInfo,
     broadcast_object,
@@ -126,7 +126,15 @@ def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     except ValueError as err:  # overlapping lists, missing or unreadable files: one line naming them
         raise TrainingError(str(err)) from None
     _check_channels(cfg, layout.case_path(root, train_cases[0]))
+    _check_classes(cfg, root / "dataset.json")
     return train_cases, val_cases
+
+
+def _check_classes(cfg: TrainConfig, description: Path) -> None:
+    """Refuse a ``--num_classes`` that differs from the ``num_classes`` of the folder's ``dataset.json``."""
+    classes = described_classes(description)
+    if classes is not None and cfg.num_classes != classes:
+        raise TrainingError(f"--num_classes {cfg.num_classes} does not fit the data: {description} has {classes} classes")
 
 
 def _check_channels(cfg: TrainConfig, first_case: Path) -> None:
