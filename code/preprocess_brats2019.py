@@ -41,7 +41,8 @@ from dataloaders.preprocess import (
     make_splits,
     try_process_case,
 )
-from utils.atomic import NotWritableError, check_writable, remove_stale_parts
+from utils.atomic import remove_stale_parts
+from utils.cli import run_writing_into
 from utils.process import exit_with_parent
 
 try:
@@ -118,21 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     data_dir = args.out_dir / "data"
-    try:
-        for folder in (args.out_dir, data_dir):
-            check_writable(folder, folder=True)
-        data_dir.mkdir(parents=True, exist_ok=True)
+
+    def run() -> int:
         with _only_run_in(data_dir):
             return _preprocess(args, cases, options, data_dir)
-    except (NotWritableError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # e.g. --out_dir below a file
-        print(f"error: cannot use --out_dir {args.out_dir}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the finished cases are kept; rerun the same command to continue", file=sys.stderr)
-        return 130
+
+    return run_writing_into(
+        args.out_dir, (args.out_dir, data_dir), run, one_line_errors=(OutputError,), rerun_to="continue"
+    )
 
 
 def _preprocess(
