@@ -30,6 +30,7 @@ import h5py
 import speed
 from dataloaders.brats2019 import CaseDataset
 from dataloaders.datasets import DATASETS
+from engine.config import described_classes
 from engine.evaluate import CaseFileError, Outputs, evaluate, format_summary_table
 from engine.prediction import add_prediction_arguments, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--native", action="store_true", help="also write the prediction in the original scan space")
     parser.add_argument("--metric_backend", choices=("ours", "medpy"), default="ours", help="surface-distance code")
     parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
-    parser.add_argument("--num_classes", type=int, default=2, help="output classes")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="output classes (default: those of <root>/dataset.json when prepare_dataset.py wrote it, else 2)")
     parser.add_argument("--in_channels", type=int, default=None, help="input channels (default: the data's)")
     parser.add_argument("--no_save", action="store_true", help="metrics only: write no NIfTI files")
     parser.add_argument("--overlay", action="store_true", help="also write a PNG overlay per case")
@@ -93,6 +95,8 @@ def _fill_dataset_defaults(args: argparse.Namespace) -> None:
     for name in ("stride_xy", "stride_z"):
         if getattr(args, name) is None and name in layout.defaults:
             setattr(args, name, layout.defaults[name])
+    if args.num_classes is None:
+        args.num_classes = described_classes(Path(args.root_path) / "dataset.json") or 2
     if args.in_channels is None:
         first = CaseDataset(args.root_path, args.split, layout=layout, split_dir=args.split_dir).image_list[:1]
         if not first:
