@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UGMCL_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "design" / "golden"
 REAL_DATA = SHARED / "data" / "brats2018_samples"
+REAL_LA = SHARED / "data" / "la2018_samples"
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,13 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real BraTS samples not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def real_la_dir() -> Path:
+    if not (REAL_LA / "train.list").is_file():
+        pytest.skip(f"real Left Atrium samples not found at {REAL_LA}")
+    return REAL_LA
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,26 @@
 """DTC: dual-task consistency (Luo et al., AAAI 2021; HiLab-git/DTC ``train_la_dtc.py``), paper Table 4.
 
 No teacher. A dual-task student ``(d, z) = f(x)`` predicts a signed distance map d (tanh output, negative inside)
-and segmentation logits z; the mask implied by d must agree with p = softmax(z). On the labelled rows l, with
-sdf_gt the ground-truth SDF (``utils.sdf``, DTC convention; channel c of d is regressed to the SDF of
-``label == c``, a one-channel head to the foreground SDF):
+and segmentation logits z with C >= 2 classes (labels y in {0 .. C-1}, 0 = background); the mask implied by d must
+agree with p = softmax(z). On the labelled rows l, with sdf_gt the ground-truth SDF (``utils.sdf``, DTC
+convention; channel c of a C-channel head is regressed to the SDF of ``label == c`` for every c = 0 .. C-1, a
+one-channel head to the SDF of the whole foreground ``label > 0``):
 
-    L_sup  = 0.5 * (CE(z_l, y) + Dice(p_l[:, 1], y)) + sdf_weight * mean((d_l - sdf_gt)^2)
-    L_dtc  = mean((sigmoid(-k d) - p)^2)          over the rows R (whole batch as released), unmasked
+    L_sup  = 0.5 * (CE(z_l, y) + Dice_fg(p_l, y)) + sdf_weight * mean((d_l - sdf_gt)^2)
+    Dice_fg(p, y) = Dice(p[:, 1], 1[y = 1])                                   C = 2
+                  = (1/(C-1)) sum_{c=1}^{C-1} Dice(p[:, c], 1[y = c])          C > 2 (``foreground_dice_loss``)
+    L_dtc  = mean((sigmoid(-k d) - p)^2)          rows R (whole batch as released), all C channels, unmasked
     L      = L_sup + w(t) * L_dtc
 
-Differences from the released DTC, which is one-class with a sigmoid output: the segmentation here is two-class
-(softmax), so that it runs with ``vnet_dt`` like UG-MCL's paper variant (not with ``unet_3D_dt``, whose distance
-output is tanh of its logits: see :class:`DTC`), and the supervised part adds the cross entropy (DTC computes it
-but leaves it out of its loss, ``Dice + 0.3 * L_sdf``). ``sdf_weight`` is DTC's ``--beta`` (0.3); k = 1500
-(``sdf_k``); the weight ramp is the shared one (``consistency``, ``consistency_rampup``, ``consistency_interval``).
+A one-channel head's L_dtc compares sigmoid(-k d) with the foreground probability ``sum_{c >= 1} p_c``
+(``p[:, 1]`` for C = 2; ``utils.losses.cross_task_consistency``).
+
+Differences from the released DTC, which is one-class with a sigmoid output: the segmentation here is a softmax
+over C >= 2 classes (C = 2 by default), so that it runs with ``vnet_dt`` like UG-MCL's paper variant
+(not with ``unet_3D_dt``, whose distance output is tanh of its logits: see :class:`DTC`), and the supervised part
+adds the cross entropy (DTC computes it but leaves it out of its loss, ``Dice + 0.3 * L_sdf``). ``sdf_weight`` is
+DTC's ``--beta`` (0.3); k = 1500 (``sdf_k``); the weight ramp is the shared one (``consistency``,
+``consistency_rampup``, ``consistency_interval``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from methods.base import Batch, Method, Passes, Term
 from methods.supervised import ConsistencyOptions, floats_for_log, row_slice
 from methods.ugmcl import ground_truth_sdf
 from networks.unet_3D import unet_3D_dt
-from utils.losses import ce_loss, cross_task_consistency, dice_loss, sdf_regression_loss, sdf_to_mask
+from utils.losses import ce_loss, cross_task_consistency, foreground_dice_loss, sdf_regression_loss, sdf_to_mask
 from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
@@ -36,20 +43,20 @@ if TYPE_CHECKING:
 __all__ = ["DTC", "dtc_objective"]
 
 _RELEASED_ROWS = "all"
-_NUM_CLASSES = 2
 
 
 def _check_dual(dis: Tensor, logits: Tensor) -> None:
-    if logits.dim() < 3 or logits.shape[1] != _NUM_CLASSES:
-        raise ValueError(f"logits must be (B, {_NUM_CLASSES}, D, H, W) (DTC is two-class), found {tuple(logits.shape)}")
+    if logits.dim() < 3 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (B, C, D, H, W) with C >= 2 classes, but found {tuple(logits.shape)}")
+    classes = logits.shape[1]
     if (
         dis.dim() != logits.dim()
         or dis.shape[0] != logits.shape[0]
         or dis.shape[2:] != logits.shape[2:]
-        or dis.shape[1] not in (1, _NUM_CLASSES)
+        or dis.shape[1] not in (1, classes)
     ):
         raise ValueError(
-            f"dis {tuple(dis.shape)} must be (B, 1 or {_NUM_CLASSES}, D, H, W) like logits {tuple(logits.shape)}"
+            f"dis {tuple(dis.shape)} must be (B, 1 or {classes}, D, H, W) like logits {tuple(logits.shape)}"
         )
 
 
@@ -69,9 +76,9 @@ def dtc_objective(
     """Every term of the DTC loss (module docstring).
 
     Args:
-        dis: d, (B, 2, D, H, W) or (B, 1, D, H, W), with gradient.
-        logits: z, (B, 2, D, H, W), with gradient.
-        label: y, (B, D, H, W) int64 in {0, 1}; only rows ``:labeled_bs`` are read.
+        dis: d, (B, C, D, H, W) or (B, 1, D, H, W), with gradient.
+        logits: z, (B, C, D, H, W) with C >= 2 classes, with gradient.
+        label: y, (B, D, H, W) int64 in {0 .. C-1}; only rows ``:labeled_bs`` are read.
         labeled_bs: number of labelled rows at the start of the batch.
         step: the 0-based iteration t.
         rows: R of the dual-task consistency, ``"all"`` (released) or ``"unlabeled"``.
@@ -94,7 +101,7 @@ def dtc_objective(
         gt_sdf = ground_truth_sdf(label[:lb], dis.shape[1])
     terms: dict[str, Term] = {}
     terms["loss_ce"] = ce_loss(logits[:lb], label[:lb])
-    terms["loss_dice"] = dice_loss(torch.softmax(logits[:lb], dim=1)[:, 1], label[:lb] == 1)
+    terms["loss_dice"] = foreground_dice_loss(torch.softmax(logits[:lb], dim=1), label[:lb])
     terms["loss_sdf"] = sdf_regression_loss(dis[:lb], gt_sdf)
     terms["supervised_loss"] = 0.5 * (terms["loss_ce"] + terms["loss_dice"]) + sdf_weight * terms["loss_sdf"]
     weight = ramp.weight(step)
@@ -108,7 +115,7 @@ def dtc_objective(
 class DTC(ConsistencyOptions, Method):
     """Dual-task consistency; hyper-parameters from ``engine.config.TrainConfig``.
 
-    Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``sdf_k``, ``num_classes`` (must be 2),
+    Reads ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``sdf_k``, ``num_classes`` (C >= 2),
     and the optional ``dtc_sdf_weight`` (default 0.3) and ``consistency_rows`` (default ``"released"``).
 
     Args:
@@ -128,12 +135,6 @@ class DTC(ConsistencyOptions, Method):
 
     released_rows = _RELEASED_ROWS
     default_model = "vnet_dt"
-
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
-        super().check_config(cfg)
-        if cfg.num_classes != _NUM_CLASSES:
-            raise ValueError(f"DTC is two-class (background/foreground): --num_classes must be 2, got {cfg.num_classes}")
 
     def __init__(self, student: nn.Module, cfg: TrainConfig, passes: Passes | None = None,
                  forward: nn.Module | None = None) -> None:
@@ -165,9 +166,11 @@ class DTC(ConsistencyOptions, Method):
             dis, logits, batch.label, batch.labeled_bs, step,
             rows=self.rows, sdf_weight=self.sdf_weight, sdf_k=cfg.sdf_k, ramp=self.ramp,
         )
-        self._last_dis_mask = sdf_to_mask(dis[0, -1].detach().float(), cfg.sdf_k)
+        # the union of the foreground classes: the smallest foreground distance (channel 1 alone for C = 2)
+        foreground = dis[0, 1:] if dis.shape[1] > 1 else dis[0]
+        self._last_dis_mask = sdf_to_mask(foreground.detach().float().amin(dim=0), cfg.sdf_k)
         return terms["loss"], floats_for_log(terms, self.logged)  # type: ignore[return-value]
 
     def images_to_log(self) -> dict[str, Tensor]:
-        """The last step's foreground mask implied by the SDF, sigmoid(-k d), of sample 0, (D, H, W)."""
+        """The last step's foreground mask implied by the SDF, sigmoid(-k min_{c >= 1} d_c), of sample 0, (D, H, W)."""
         return {} if self._last_dis_mask is None else {"dis_to_mask": self._last_dis_mask}

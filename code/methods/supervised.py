@@ -6,7 +6,9 @@ patches. With z the segmentation logits of the labelled rows, p = softmax(z), y 
     L = 0.5 * (CE(z, y) + Dice_C(p, y)),   Dice_C = (1/C) sum_c Dice(p_c, 1[y = c])
 
 ``Dice_C`` is SSL4MIS's ``DiceLoss(C)`` (every class, background included, each pooled over the batch); the UA-MT /
-UG-MCL / DTC code uses the foreground term ``Dice(p_1, 1[y = 1])`` alone (``dice="foreground"``).
+UG-MCL / DTC code uses the foreground term ``Dice(p_1, 1[y = 1])`` alone (``dice="foreground"``), which for C > 2
+classes is the mean over the foreground classes, (1/(C-1)) sum_{c >= 1} Dice(p_c, 1[y = c])
+(``utils.losses.foreground_dice_loss``).
 
 Shared helpers: :func:`supervised_terms`, :func:`consistency_rows` (which rows an unsupervised term covers),
 :func:`check_consistency_rows`, :func:`consistency_ramp` (the weight ramp w(t)), :func:`floats_for_log` and the
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from methods.base import Batch, Method, Passes, Term
 from networks.outputs import segmentation_logits
-from utils.losses import ce_loss, dice_loss, multiclass_dice_loss
+from utils.losses import ce_loss, foreground_dice_loss, multiclass_dice_loss
 from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
@@ -117,7 +119,8 @@ def supervised_terms(logits: Tensor, label: Tensor, dice: DiceMode = "classes") 
     Args:
         logits: z of the labelled rows, (B_l, C, D, H, W); computed in float32.
         label: y, (B_l, D, H, W) integer.
-        dice: ``"classes"`` (mean Dice over the C classes, SSL4MIS) or ``"foreground"`` (class 1 only, UA-MT).
+        dice: ``"classes"`` (mean Dice over the C classes, SSL4MIS) or ``"foreground"`` (mean over the classes
+            1 .. C-1; class 1 alone for C = 2, as UA-MT).
     Raises:
         ValueError: for mismatched shapes or an unknown ``dice``.
     """
@@ -129,7 +132,7 @@ def supervised_terms(logits: Tensor, label: Tensor, dice: DiceMode = "classes") 
     if dice == "classes":
         loss_dice = multiclass_dice_loss(prob, label)
     else:
-        loss_dice = dice_loss(prob[:, 1], label == 1)
+        loss_dice = foreground_dice_loss(prob, label)
     return {"loss_ce": loss_ce, "loss_dice": loss_dice, "supervised_loss": 0.5 * (loss_ce + loss_dice)}
 
 

@@ -1,27 +1,37 @@
 """UG-MCL: uncertainty-guided mutual consistency learning (Zhang et al., AIIM 2022; SPEC section 3).
 
-A dual-task student ``(d, z) = f(x)`` (tanh "distance" output d, segmentation logits z) and its EMA teacher.
-Per iteration, with the first ``labeled_bs`` rows labelled, p = softmax(z), q = the teacher's softmax on one
-noisy pass, U the teacher's Monte-Carlo uncertainty (``utils.uncertainty``):
+A dual-task student ``(d, z) = f(x)`` (tanh "distance" output d, segmentation logits z, each with C channels)
+and its EMA teacher. Per iteration, with the first ``labeled_bs`` rows labelled, labels y in {0 .. C-1}
+(0 = background), p = softmax(z), q = the teacher's softmax on one noisy pass, U the teacher's Monte-Carlo
+uncertainty (``utils.uncertainty``):
 
-    L_sup   = 0.5 * (CE(z_l, y) + Dice(p_l[:, 1], y) + Dice(sigmoid(-k d_l)[:, 1], y))
+    L_sup   = 0.5 * (CE(z_l, y) + Dice_fg(p_l, y) + Dice_fg(sigmoid(-k d_l), y))
+    Dice_fg(s, y) = Dice(s[:, 1], 1[y = 1])                                   C = 2, the released term
+                  = (1/(C-1)) sum_{c=1}^{C-1} Dice(s[:, c], 1[y = c])          C > 2, mean over the foreground
     w(t)    = consistency * sigmoid_rampup(t // interval, consistency_rampup)
-    tau(t)  = (start + (end - start) * sigmoid_rampup(t, threshold_rampup)) * ln 2,   M = 1[U < tau(t)]
-    L_intra = 0.5 * sum(M (p - q)^2) / (2 sum(M) + 1e-16)             (whole batch)
-    L_cross = mean((sigmoid(-k d) - p)^2)                               (whole batch, unmasked)
+    tau(t)  = (start + (end - start) * sigmoid_rampup(t, threshold_rampup)) * ln C,   M = 1[U < tau(t)]
+    L_intra = 0.5 * sum(M (p - q)^2) / (C sum(M) + 1e-16)             (whole batch; released: 2 sum(M), C = 2)
+    L_cross = mean((sigmoid(-k d) - p)^2)                               (whole batch, all C channels, unmasked)
     L       = L_sup + w(t) * L_intra + w(t) * L_cross
+
+Dice is ``utils.losses.dice_loss`` (pooled over the batch), Dice_fg ``utils.losses.foreground_dice_loss``; U lies
+in [0, ln C], so tau(t) scales with ln C (ln 2 as released). L_intra is the mean of (p - q)^2 over the kept
+voxel-class pairs. For C = 2 every term is the released one, bit for bit.
 
 Variant ``"released"`` (default) is exactly the published code, ``d = tanh(z)``. Variant ``"paper"`` follows the
 paper: the student has a separate SDF head (``VNet_dt``), and
 
-* the supervised part adds ``L_sdf = mean((d_l - sdf_gt)^2)``, weight 1, outside the 0.5: channel c of d is
-  regressed to the ground-truth SDF of ``label == c`` (``utils.sdf``, DTC convention); a one-channel head is
-  regressed to the foreground SDF;
-* ``L_intra = 0.5 * (beta * S_seg + (1 - beta) * S_sdf)`` with S_seg = sum(M (p - q)^2) / (2 sum(M) + 1e-16)
+* the supervised part adds ``L_sdf = mean((d_l - sdf_gt)^2)``, weight 1, outside the 0.5: channel c of a
+  C-channel head is regressed to the ground-truth SDF of ``label == c`` for every c = 0 .. C-1 (``utils.sdf``, DTC
+  convention); a one-channel head is regressed to the SDF of the whole foreground ``label > 0``, and then its
+  Dice term is ``Dice(sigmoid(-k d_l)[:, 0], 1[y > 0])`` and L_cross compares sigmoid(-k d) with
+  ``sum_{c >= 1} p_c`` (``p[:, 1]`` for C = 2);
+* ``L_intra = 0.5 * (beta * S_seg + (1 - beta) * S_sdf)`` with S_seg = sum(M (p - q)^2) / (C sum(M) + 1e-16)
   (the released term before its 0.5) and S_sdf the same masked mean of ``(d - d_teacher)^2`` over the
-  teacher's SDF output on the same noisy pass, same mask M. With beta = 1 this is the released term.
+  teacher's SDF output on the same noisy pass, same mask M (its denominator counts the head's C or 1 channels).
+  With beta = 1 this is the released term.
 
-Both variants assume a two-class (background / foreground) segmentation, as the paper and the code do.
+The paper and the released code are two-class (background / foreground); C > 2 uses the rules above.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from utils.losses import (
     ce_loss,
     cross_task_consistency,
     dice_loss,
+    foreground_dice_loss,
     masked_consistency,
     sdf_regression_loss,
     sdf_to_mask,
@@ -49,29 +60,29 @@ from utils.uncertainty import mc_dropout_uncertainty, uncertainty_threshold
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
-__all__ = ["UGMCL", "VARIANTS", "Variant", "ground_truth_sdf", "ugmcl_objective"]
+__all__ = ["UGMCL", "VARIANTS", "Variant", "distance_dice_loss", "ground_truth_sdf", "ugmcl_objective"]
 
 Variant = Literal["released", "paper"]
 VARIANTS: tuple[str, ...] = ("released", "paper")
-_NUM_CLASSES = 2
 
 
 def ground_truth_sdf(label: Tensor, channels: int) -> Tensor:
     """Ground-truth SDF targets for an SDF head with ``channels`` outputs.
 
     Args:
-        label: (B, D, H, W) integer labels in {0, 1}.
-        channels: 1 (foreground SDF only) or 2 (channel c = SDF of ``label == c``).
+        label: (B, D, H, W) integer labels in {0 .. C-1}, 0 = background.
+        channels: 1 (the SDF of the whole foreground ``label > 0``) or C >= 2 (channel c = SDF of ``label == c``,
+            c = 0 .. C-1).
     Returns:
         (B, channels, D, H, W) float32 on the label's device, in [-1, 1] (``utils.sdf.compute_sdf``).
     Raises:
-        ValueError: if ``channels`` is not 1 or 2.
+        ValueError: if ``channels`` < 1.
     """
+    if channels < 1:
+        raise ValueError(f"an SDF head must have 1 or C >= 2 channels, but found {channels}")
     if channels == 1:
-        return compute_sdf_torch(label == 1).unsqueeze(1)
-    if channels == _NUM_CLASSES:
-        return torch.stack([compute_sdf_torch(label == c) for c in range(channels)], dim=1)
-    raise ValueError(f"an SDF head must have 1 or {_NUM_CLASSES} channels, but found {channels}")
+        return compute_sdf_torch(label > 0).unsqueeze(1)
+    return torch.stack([compute_sdf_torch(label == c) for c in range(channels)], dim=1)
 
 
 def _check_inputs(
@@ -87,17 +98,16 @@ def _check_inputs(
 ) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, but found {variant!r}")
-    if student_logits.dim() < 3 or student_logits.shape[1] != _NUM_CLASSES:
+    if student_logits.dim() < 3 or student_logits.shape[1] < 2:
         raise ValueError(
-            f"student_logits must be (B, {_NUM_CLASSES}, D, H, W) (UG-MCL is two-class), "
-            f"but found {tuple(student_logits.shape)}"
+            f"student_logits must be (B, C, D, H, W) with C >= 2 classes, but found {tuple(student_logits.shape)}"
         )
-    batch, spatial = student_logits.shape[0], student_logits.shape[2:]
+    batch, classes, spatial = student_logits.shape[0], student_logits.shape[1], student_logits.shape[2:]
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits {tuple(student_logits.shape)}"
         )
-    dis_channels = (_NUM_CLASSES,) if variant == "released" else (1, _NUM_CLASSES)
+    dis_channels = (classes,) if variant == "released" else (1, classes)
     if (
         student_dis.dim() != student_logits.dim()
         or student_dis.shape[0] != batch
@@ -145,18 +155,18 @@ def ugmcl_objective(
     """Every term of the UG-MCL loss for one batch (equations in the module docstring).
 
     Args:
-        student_dis: d, (B, 2, D, H, W); ``tanh(z)`` in the released network. Variant ``"paper"``: the SDF
-            head's output, (B, 2, D, H, W) or (B, 1, D, H, W).
-        student_logits: z, (B, 2, D, H, W), with gradient.
-        teacher_logits: the teacher's logits on one noisy pass, (B, 2, D, H, W) (the consistency target).
+        student_dis: d, (B, C, D, H, W); ``tanh(z)`` in the released network. Variant ``"paper"``: the SDF
+            head's output, (B, C, D, H, W) or (B, 1, D, H, W).
+        student_logits: z, (B, C, D, H, W) with C >= 2 classes, with gradient.
+        teacher_logits: the teacher's logits on one noisy pass, (B, C, D, H, W) (the consistency target).
         uncertainty: U, (B, 1, D, H, W), from ``utils.uncertainty``.
-        label: y, (B, D, H, W) int64 in {0, 1}; only the first ``labeled_bs`` rows are read.
+        label: y, (B, D, H, W) int64 in {0 .. C-1}; only the first ``labeled_bs`` rows are read.
         labeled_bs: number of labelled rows at the start of the batch (>= 1).
         step: the 0-based iteration t.
         threshold_rampup: L of the threshold ramp (``max_iterations`` as released).
         consistency, consistency_rampup, consistency_interval: the weight ramp w(t): final weight (0.1), length
             in units of ``consistency_interval`` iterations (200), iterations per ramp step (150).
-        threshold_start, threshold_end: tau / ln 2 at the start (before the ramp factor) and the end of its ramp
+        threshold_start, threshold_end: tau / ln C at the start (before the ramp factor) and the end of its ramp
             (0.75, 1.0).
         sdf_k: k of the SDF-to-mask transform sigmoid(-k d) (1500).
         variant: ``"released"`` or ``"paper"``.
@@ -182,7 +192,8 @@ def ugmcl_objective(
     terms = _supervised_terms(student_dis, student_logits, label, labeled_bs, sdf_k, variant, gt_sdf)
 
     weight = consistency_weight(step, consistency, consistency_rampup, consistency_interval)
-    threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, _NUM_CLASSES)
+    num_classes = student_logits.shape[1]
+    threshold = uncertainty_threshold(step, threshold_rampup, threshold_start, threshold_end, num_classes)
     mask = (uncertainty < threshold).to(student_logits.dtype)
     terms["consistency_weight"] = weight
     terms["threshold"] = threshold
@@ -197,6 +208,23 @@ def ugmcl_objective(
     return terms
 
 
+def distance_dice_loss(dis_mask: Tensor, label: Tensor) -> Tensor:
+    """Dice of the masks implied by the distance output, ``Dice_fg(sigmoid(-k d), y)`` (module docstring).
+
+        C channels:  (1/(C-1)) sum_{c=1}^{C-1} Dice(m_c, 1[y = c])      (C = 2: Dice(m_1, 1[y = 1]), as released)
+        1 channel:   Dice(m_0, 1[y > 0])                                  (a head regressing the foreground SDF)
+
+    Args:
+        dis_mask: m = sigmoid(-k d), (B, C, D, H, W) or (B, 1, D, H, W).
+        label: y, (B, D, H, W) integer in {0 .. C-1}.
+    Raises:
+        ValueError: if the shapes do not fit together.
+    """
+    if dis_mask.dim() >= 2 and dis_mask.shape[1] == 1:
+        return dice_loss(dis_mask[:, 0], label > 0)
+    return foreground_dice_loss(dis_mask, label)
+
+
 def _supervised_terms(
     student_dis: Tensor, student_logits: Tensor, label: Tensor, labeled_bs: int, sdf_k: float, variant: str,
     gt_sdf: Tensor | None,
@@ -204,15 +232,13 @@ def _supervised_terms(
     """L_sup of the labelled rows and its parts: ``loss_seg``, ``loss_seg_dice``, ``loss_dis_dice``, (paper)
     ``loss_sdf``, and ``supervised_loss``."""
     lb = labeled_bs
-    fg = student_dis.shape[1] - 1  # the foreground channel of d: 1 of 2, or the only one
-    target = label[:lb] == 1
     prob = torch.softmax(student_logits, dim=1)
     dis_to_mask = sdf_to_mask(student_dis, sdf_k)
 
     terms: dict[str, Term] = {}
     terms["loss_seg"] = ce_loss(student_logits[:lb], label[:lb])
-    terms["loss_seg_dice"] = dice_loss(prob[:lb, 1], target)
-    terms["loss_dis_dice"] = dice_loss(dis_to_mask[:lb, fg], target)
+    terms["loss_seg_dice"] = foreground_dice_loss(prob[:lb], label[:lb])
+    terms["loss_dis_dice"] = distance_dice_loss(dis_to_mask[:lb], label[:lb])
     supervised = 0.5 * (terms["loss_seg"] + terms["loss_seg_dice"] + terms["loss_dis_dice"])
     if variant == "paper":
         if gt_sdf is None:
@@ -271,7 +297,8 @@ class UGMCL(EMATeacherMethod):
 
     Reads ``variant``, ``consistency``, ``consistency_rampup``, ``consistency_interval``, ``mc_passes``,
     ``mc_chunk``, ``noise_std``, ``noise_clip``, ``threshold_start``, ``threshold_end``, ``threshold_rampup``
-    (``None``: ``max_iterations``), ``sdf_k``, ``ema_decay``, ``beta``, ``low_memory`` and ``num_classes`` (2).
+    (``None``: ``max_iterations``), ``sdf_k``, ``ema_decay``, ``beta``, ``low_memory`` and ``num_classes`` (2 as
+    released; any C >= 2).
 
     The teacher is a copy of the student and stays in train mode (dropout on), as released.
 
@@ -368,8 +395,7 @@ class UGMCL(EMATeacherMethod):
         super().check_config(cfg)
         if cfg.variant not in VARIANTS:
             raise ValueError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
-        if cfg.num_classes != _NUM_CLASSES:
-            raise ValueError(f"UG-MCL is two-class (background/foreground): --num_classes must be 2, got {cfg.num_classes}")
+
 
 def _logs(terms: dict[str, Term], uncertainty: Tensor) -> dict[str, float]:
     """The logged floats of a step, read from the device with one synchronisation."""

@@ -20,6 +20,7 @@ __all__ = [
     "cross_task_consistency",
     "dice_loss",
     "entropy_loss",
+    "foreground_dice_loss",
     "kl_divergence_map",
     "masked_consistency",
     "multiclass_dice_loss",
@@ -133,19 +134,19 @@ def cross_task_consistency(sdf: Tensor, seg_logits: Tensor, k: float = 1500.0) -
 
         L = mean((sigmoid(-k * d) - softmax(z))^2)   over every element of the whole batch, unmasked
 
-    A one-channel SDF output (a foreground-only regression head) is compared with the foreground
-    probability ``softmax(z)[:, 1:]`` of a two-class segmentation.
+    A one-channel SDF output (a head regressing the SDF of the whole foreground ``label > 0``) is compared with
+    the foreground probability ``sum_{c >= 1} softmax(z)_c``, which is ``softmax(z)[:, 1:]`` when C = 2.
 
     Args:
-        sdf: tanh SDF output d, (B, C, D, H, W) (or (B, 1, D, H, W) when C = 2), negative inside the object.
-        seg_logits: segmentation logits z, (B, C, D, H, W).
+        sdf: tanh SDF output d, (B, C, D, H, W) or (B, 1, D, H, W), negative inside the object.
+        seg_logits: segmentation logits z, (B, C, D, H, W), C >= 2.
         k: steepness of the SDF-to-mask transform (1500 in the released code).
     Raises:
         ValueError: if the shapes do not fit together.
     """
     prob = torch.softmax(seg_logits, dim=1)
-    if sdf.dim() == prob.dim() and sdf.shape[1] == 1 and prob.shape[1] == 2:
-        prob = prob[:, 1:]
+    if sdf.dim() == prob.dim() and sdf.shape[1] == 1 and prob.shape[1] >= 2:
+        prob = prob[:, 1:] if prob.shape[1] == 2 else prob[:, 1:].sum(dim=1, keepdim=True)
     _same_shape(sdf, prob, "sdf", "softmax(seg_logits)")
     return torch.mean((sdf_to_mask(sdf, k) - prob) ** 2)
 
@@ -190,6 +191,34 @@ def multiclass_dice_loss(prob: Tensor, target: Tensor, smooth: float = 1e-5) -> 
         )
     num_classes = prob.shape[1]
     return sum(dice_loss(prob[:, c], target == c, smooth) for c in range(num_classes)) / num_classes
+
+
+def foreground_dice_loss(prob: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+    """Soft Dice loss averaged over the foreground classes c = 1 .. C-1 (background left out).
+
+        L = (1/(C-1)) sum_{c=1}^{C-1} Dice(p_c, 1[y = c])          (:func:`dice_loss`, each pooled over the batch)
+
+    For C = 2 this is ``dice_loss(prob[:, 1], target == 1)`` bit for bit, the foreground term of the released
+    UA-MT / UG-MCL / DTC code. A class absent from both the target and the prediction contributes 0.
+
+    Args:
+        prob: class probabilities p, (B, C, D, H, W) with C >= 2, e.g. ``softmax(z)`` or ``sigmoid(-k d)``.
+        target: class indices y, (B, D, H, W), integer.
+        smooth: the smoothing constant (1e-5 as released).
+    Raises:
+        ValueError: if ``prob`` has fewer than 2 classes or ``target`` is not ``prob`` without its class axis.
+    """
+    if prob.dim() < 2 or prob.shape[1] < 2:
+        raise ValueError(f"prob must be (B, C, ...) with C >= 2 classes, but found {tuple(prob.shape)}")
+    if target.shape != prob.shape[:1] + prob.shape[2:]:
+        raise ValueError(
+            f"target must have the probabilities' shape without the class axis: prob {tuple(prob.shape)}, "
+            f"target {tuple(target.shape)}"
+        )
+    num_classes = prob.shape[1]
+    if num_classes == 2:
+        return dice_loss(prob[:, 1], target == 1, smooth)  # the released term, no extra operation
+    return sum(dice_loss(prob[:, c], target == c, smooth) for c in range(1, num_classes)) / (num_classes - 1)
 
 
 def entropy_loss(prob: Tensor, eps: float = 1e-6) -> Tensor:

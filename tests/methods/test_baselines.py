@@ -342,7 +342,7 @@ def test_dtc_refuses_unet_3D_dt_whose_distance_is_tanh_of_the_logits():
         (UAMT, {"mc_passes": 0}, "mc_passes"),
         (EntropyMinimization, {"consistency_interval": 0}, "consistency_interval"),
         (URPC, {"consistency_rampup": -1.0}, "consistency_rampup"),
-        (DTC, {"num_classes": 3}, "two-class"),
+        (DTC, {"num_classes": 1}, "num_classes"),
         (Supervised, {"num_classes": 1}, "num_classes"),
     ],
 )

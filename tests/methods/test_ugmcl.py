@@ -155,8 +155,11 @@ def test_objective_refuses_invalid_inputs():
         ugmcl_objective(**{**kw, "variant": "other"})
     with pytest.raises(ValueError, match="labeled_bs"):
         ugmcl_objective(**{**kw, "labeled_bs": 0})
-    with pytest.raises(ValueError, match="two-class"):
-        ugmcl_objective(**{**kw, "student_logits": torch.zeros(3, 3, 4, 4, 4)})
+    with pytest.raises(ValueError, match="C >= 2 classes"):
+        ugmcl_objective(**{**kw, "student_logits": torch.zeros(3, 1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="student_dis"):
+        three = torch.zeros(3, 3, 4, 4, 4)
+        ugmcl_objective(**{**kw, "student_logits": three, "teacher_logits": three})  # d still has 2 channels
     with pytest.raises(ValueError, match="uncertainty"):
         ugmcl_objective(**{**kw, "uncertainty": torch.zeros(3, 2, 4, 4, 4)})
     with pytest.raises(ValueError, match="teacher_dis"):
@@ -231,7 +234,7 @@ def test_invalid_options_are_refused_at_construction():
         dict(mc_passes=0),
         dict(mc_chunk=-1),
         dict(beta=1.5),
-        dict(num_classes=3),
+        dict(num_classes=1),
         dict(ema_decay=2.0),
         dict(consistency_interval=0),
     ):
