@@ -6,7 +6,8 @@
 
 - ``log.txt`` and TensorBoard events (losses, weights, threshold, validation Dice/HD95, image grids),
 - ``config.json`` (the full configuration),
-- ``<model>_best_model.pth``: the best-validation student as a plain ``state_dict`` (published format),
+- ``<model>_best_model.pth``: the best-validation student as a plain ``state_dict`` (published format), and
+  ``<model>_last_model.pth``: the final one (test both, and say which: picking on the test set flatters a method),
 - ``checkpoint_latest.pth``: student, method state (teacher), optimiser, iteration, RNG states and config, written
   atomically every ``save_interval`` iterations and at the end; ``--resume`` continues from it.
 
@@ -368,9 +369,13 @@ class Trainer:
             save_latest(self.latest, self.student, self.method, self.optimizer, iteration, self.best, self.cfg, rng)
 
     def finish(self) -> None:
-        """Without a validation list, the final student is the "best" one; the testing hook's per-rank dump."""
-        if not self.val_cases and self.info.is_main:
-            atomic_torch_save(cpu_state_dict(self.student), self.out / f"{self.cfg.model}_best_model.pth")
+        """``<model>_last_model.pth`` (the final student; also the "best" one without a validation list) and the
+        testing hook's per-rank dump."""
+        if self.info.is_main:
+            weights = cpu_state_dict(self.student)
+            atomic_torch_save(weights, self.out / f"{self.cfg.model}_last_model.pth")
+            if not self.val_cases:
+                atomic_torch_save(weights, self.out / f"{self.cfg.model}_best_model.pth")
         if self.seen is not None:
             atomic_torch_save({"rank": self.info.rank, "world_size": self.info.world_size,
                                "student": self.student.state_dict(), "method": self.method.state_dict(),

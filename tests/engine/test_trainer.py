@@ -49,6 +49,9 @@ def test_a_short_run_writes_every_output(tiny_root: Path, tmp_path: Path) -> Non
     assert list((out / "log").glob("events.out.tfevents.*"))
     best = torch.load(out / "unet_3D_dt_best_model.pth", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in best.values())  # a plain state_dict, the published format
+    last = torch.load(out / "unet_3D_dt_last_model.pth", weights_only=True)
+    final = torch.load(out / "checkpoint_latest.pth", weights_only=True)["student"]
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the final weights, beside the best ones
     latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)
     assert latest["iteration"] == 4
     assert {"student", "method", "optimizer", "rng", "config", "best"} <= set(latest)
