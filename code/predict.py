@@ -1,28 +1,36 @@
-"""Segment the whole tumour in new FLAIR scans that were never preprocessed, in the scan's own space.
+"""Segment the whole tumour in new scans that were never preprocessed, in the scan's own space.
 
 Run from ``code/``::
 
     python predict.py --input BraTS19_XYZ_1/ --output xyz_seg.nii.gz --pretrained 50
     python predict.py --input flair.nii.gz --output seg.nii.gz --checkpoint my.pth --uncertainty unc.nii.gz --tta
+    python predict.py --input BraTS19_XYZ_1/ --modalities flair t1 t1ce t2 --output seg.nii.gz --checkpoint 4ch.pth
+    python predict.py --input flair.nii.gz t2.nii.gz --modalities flair t2 --output seg.nii.gz --checkpoint 2ch.pth
 
-``--input`` is a BraTS-layout case folder (its ``*_flair.nii[.gz]`` is used) or one FLAIR NIfTI of any size and
-orientation. The scan goes through the training preprocessing (SPEC section 1) on the way in and every step is
-undone on the way out:
+``--modalities`` (default ``flair``, as published) are the network's input channels in order, as given to
+``preprocess_brats2019.py --modalities`` for training; the network gets that many input channels. ``--input`` is a
+BraTS-layout case folder (its ``*_<modality>.nii[.gz]`` file for each modality; see :func:`find_modality`) or one
+NIfTI file per modality, in the order of ``--modalities``, of any size and orientation; several files must share
+one voxel grid (same shape and affine). The scans go through the training preprocessing (SPEC section 1) on the
+way in and every step is undone on the way out:
 
 1. reorient to the axes the BraTS data is stored in (voxel axes pointing L, P, S, as the released 240x240x155
    files) by flips and axis permutations only (``nibabel.orientations``; exact, no interpolation);
-2. crop to the bounding box of the nonzero voxels; clip above the 99.9th percentile and z-score with the brain
-   voxels (``dataloaders.preprocess.normalise_intensity``);
+2. crop to the bounding box of the voxels nonzero in any channel (as ``dataloaders.preprocess.preprocess_case``);
+   per channel, clip above the 99.9th percentile and z-score with the brain voxels
+   (``dataloaders.preprocess.normalise_intensity``); the channels are stacked (C, D, H, W);
 3. resample to ``--spacing`` mm (default 1, the training grid; linear) when the voxels differ from it;
 4. sliding-window prediction (``engine.evaluate.predict_case``); with resampling, the class probabilities are
    resampled back (linear) before the argmax;
 5. paste into the uncropped grid, undo the reorientation, and save with the input's affine and its qform/sform.
 
 The segmentation is written as uint8 (0 background, 1 tumour), the optional uncertainty (entropy of the mean
-MC-dropout softmax, ``--mc_passes`` passes) as float32, both in the input's voxel grid, so they overlay on the
-input in ITK-SNAP or 3D Slicer. Files are written atomically. Exit status: 0 on success, 1 on a missing or
-unreadable input, a folder without FLAIR, a missing or unfitting checkpoint, an output that cannot be written
-(checked before predicting) or that would overwrite the input (one line on stderr), 2 on bad arguments.
+MC-dropout softmax, ``--mc_passes`` passes) as float32, both in the input's voxel grid (that of the first
+modality's file), so they overlay on the input in ITK-SNAP or 3D Slicer. Files are written atomically. Exit
+status: 0 on success, 1 on a missing or unreadable input, a folder without one of the modalities, input files
+that are not one per modality or differ in shape or affine, a missing or unfitting checkpoint (e.g. trained on
+other channels), an output that cannot be written (checked before predicting) or that would overwrite an input
+(one line on stderr), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch
 from torch import nn
 
 import speed
-from dataloaders.preprocess import nonzero_bbox, normalise_intensity
+from dataloaders.preprocess import MODALITIES, nonzero_bbox, normalise_intensity
 from engine.evaluate import keep_largest_component
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
@@ -59,6 +67,9 @@ __all__ = [
     "InputError",
     "Segmentation",
     "find_flair",
+    "find_inputs",
+    "find_modality",
+    "load_channels",
     "load_flair",
     "main",
     "segment_volume",
@@ -73,6 +84,7 @@ z superior (``nibabel.aff2axcodes`` of the released 240x240x155 volumes)."""
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SPACING_RTOL = 1e-3
+_AFFINE_ATOL = 1e-4  # mm: the files of one case share their affine up to the header's float32 rounding
 
 
 class InputError(ValueError):
@@ -112,10 +124,8 @@ def find_flair(path: PathLike) -> Path:
     if not path.exists():
         raise InputError(f"input {path} does not exist")
     if path.is_file():
-        if not _is_nifti(path):
-            raise InputError(f"input {path} is not a NIfTI file (.nii or .nii.gz)")
-        return path
-    niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+        return _nifti_file(path)
+    niftis = _niftis_in(path)
     for suffix in _NIFTI_SUFFIXES:
         preferred = path / f"{path.name}_flair{suffix}"
         if preferred.is_file():
@@ -127,6 +137,77 @@ def find_flair(path: PathLike) -> Path:
         found = ", ".join(p.name for p in niftis[:6]) or "no NIfTI file"
         raise InputError(f"no FLAIR NIfTI (*flair*.nii.gz) in folder {path}; found {found}")
     raise InputError(f"folder {path} holds several FLAIR files ({', '.join(p.name for p in flairs)}); pass one")
+
+
+def find_modality(folder: PathLike, modality: str) -> Path:
+    """The file of ``modality`` (``flair``, ``t1``, ``t1ce`` or ``t2``) in a case folder.
+
+    ``<folder name>_<modality>.nii[.gz]`` (BraTS naming) is preferred; otherwise exactly one NIfTI whose name ends
+    in ``_<modality>.nii[.gz]`` (any case) must be there, so ``t1`` never takes the ``_t1ce`` file. FLAIR keeps the
+    rule of :func:`find_flair` (any one file whose name contains ``flair``).
+
+    Raises:
+        InputError: if ``folder`` is not a folder, or holds no such file or several (one line naming the folder and
+            the modality).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"input {folder} is not a case folder")
+    if modality == "flair":
+        return find_flair(folder)
+    for suffix in _NIFTI_SUFFIXES:
+        preferred = folder / f"{folder.name}_{modality}{suffix}"
+        if preferred.is_file():
+            return preferred
+    niftis = _niftis_in(folder)
+    hits = [p for p in niftis if p.name.lower().endswith(tuple(f"_{modality}{s}" for s in _NIFTI_SUFFIXES))]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        found = ", ".join(p.name for p in niftis[:6]) or "no NIfTI file"
+        raise InputError(f"no {modality} NIfTI (*_{modality}.nii.gz) in folder {folder}; found {found}")
+    raise InputError(f"folder {folder} holds several {modality} files ({', '.join(p.name for p in hits)}); "
+                     "pass the files with --input")
+
+
+def find_inputs(inputs: Sequence[PathLike], modalities: Sequence[str] = ("flair",)) -> list[Path]:
+    """The file of each modality, in the order of ``modalities``.
+
+    ``inputs`` is one case folder (each modality found by :func:`find_modality`) or one NIfTI file per modality,
+    in that order. With the default (FLAIR only) this is ``[find_flair(inputs[0])]``.
+
+    Raises:
+        InputError: on a missing input, a file that is not NIfTI, a folder without one of the modalities, a folder
+            among several inputs, or a number of files that differs from the number of modalities.
+        ValueError: if ``inputs`` or ``modalities`` is empty.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths or not modalities:
+        raise ValueError(f"give at least one input and one modality, got {len(paths)} and {len(modalities)}")
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"input {path} does not exist")
+    if len(paths) == 1 and paths[0].is_dir():
+        return [find_modality(paths[0], modality) for modality in modalities]
+    if len(paths) != len(modalities):
+        files = f"{len(paths)} input file" + ("s" if len(paths) != 1 else "")
+        raise InputError(f"{files} for {len(modalities)} modalities ({' '.join(modalities)}): give one case folder "
+                         "or one NIfTI file per modality, in the order of --modalities")
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"input {path} is a folder: give one case folder alone, or one NIfTI file per modality")
+        _nifti_file(path)
+    return paths
+
+
+def _nifti_file(path: Path) -> Path:
+    if not _is_nifti(path):
+        raise InputError(f"input {path} is not a NIfTI file (.nii or .nii.gz)")
+    return path
+
+
+def _niftis_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_nifti(p))
 
 
 def load_flair(path: PathLike) -> tuple[Any, np.ndarray]:
@@ -152,6 +233,33 @@ def load_flair(path: PathLike) -> tuple[Any, np.ndarray]:
     if not np.any(data):
         raise InputError(f"{path} is all zero: nothing to segment")
     return image, data
+
+
+def load_channels(paths: Sequence[PathLike]) -> tuple[Any, np.ndarray]:
+    """Read the files of one case (:func:`load_flair` each): ``(the first file's image, data)``.
+
+    ``data`` is float32 (X, Y, Z) for one file, (C, X, Y, Z) for several, stacked in the order given.
+
+    Raises:
+        InputError: as :func:`load_flair`, or when a file's shape or affine differs from the first file's (the
+            message names both files).
+        ValueError: if ``paths`` is empty.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no input file to read")
+    reference, first = load_flair(paths[0])
+    channels = [first]
+    for path in paths[1:]:
+        image, data = load_flair(path)
+        if data.shape != first.shape:
+            raise InputError(f"{path} has shape {data.shape} but {paths[0]} has shape {first.shape}; the modalities "
+                             "of a case must share one voxel grid")
+        if not np.allclose(image.affine, reference.affine, rtol=0, atol=_AFFINE_ATOL):
+            raise InputError(f"{path} and {paths[0]} have different affines (voxel-to-world matrices); resample "
+                             "the modalities onto one grid first")
+        channels.append(data)
+    return reference, (np.stack(channels) if len(channels) > 1 else first)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -205,13 +313,16 @@ def segment_volume(
     lcc: bool = False,
     device: torch.device | str | None = None,
 ) -> Segmentation:
-    """Segment a raw FLAIR volume and return the result in the volume's own voxel grid.
+    """Segment a raw volume (FLAIR, or several modalities as channels) and return the result in its own voxel grid.
 
-    See the module docstring for the steps. A voxel outside the nonzero bounding box is background (uncertainty 0).
+    See the module docstring for the steps. The crop box covers the voxels nonzero in any channel, and each channel
+    is normalised on its own (as the training preprocessing). A voxel outside the box is background
+    (uncertainty 0).
 
     Args:
-        net: segmentation network (logits or a tuple ending with them), e.g. ``unet_3D_dt``.
-        data: (X, Y, Z) raw intensities in the file's voxel order; 0 = outside the (skull-stripped) brain.
+        net: segmentation network (logits or a tuple ending with them), e.g. ``unet_3D_dt``, with C input channels.
+        data: (X, Y, Z) raw intensities in the file's voxel order, or (C, X, Y, Z) for C modalities (in the order
+            the network was trained on); 0 = outside the (skull-stripped) brain.
         affine: its 4x4 voxel-to-world matrix (any orientation, any voxel size).
         spacing: isotropic grid in mm the network works on (default 1.0, the BraTS grid); None keeps the
             input's voxels. Voxels within 0.1 % of it are not resampled.
@@ -221,15 +332,16 @@ def segment_volume(
         lcc: keep only the largest connected tumour component. Default False.
 
     Returns:
-        :class:`Segmentation` with arrays of ``data``'s shape.
+        :class:`Segmentation` with arrays of ``data``'s spatial shape (X, Y, Z).
 
     Raises:
-        ValueError: if ``data`` is not 3-D or all zero, ``affine`` is not 4x4, or ``spacing`` is not positive.
+        ValueError: if ``data`` is not 3-D or 4-D or is all zero, a channel cannot be normalised (a constant brain),
+            ``affine`` is not 4x4, or ``spacing`` is not positive.
     """
     data = np.asarray(data, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
-    if data.ndim != 3:
-        raise ValueError(f"data must be (X, Y, Z), found shape {data.shape}")
+    if data.ndim not in (3, 4):
+        raise ValueError(f"data must be (X, Y, Z) or (C, X, Y, Z), found shape {data.shape}")
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
     if spacing is not None and not spacing > 0:
@@ -238,10 +350,10 @@ def segment_volume(
     oriented = _apply_orientation(data, to_training)
     voxel_size = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(to_training[:, 0])]  # sizes along the new axes
 
-    bbox = nonzero_bbox(oriented)
+    bbox = nonzero_bbox(oriented)  # over all channels
     box = tuple(slice(a, b) for a, b in bbox)
-    image = normalise_intensity(oriented[box])
-    cropped_shape = image.shape
+    image = _normalise_channels(oriented[(..., *box)])
+    cropped_shape = image.shape[-3:]
     resample = spacing is not None and not np.allclose(voxel_size, spacing, rtol=_SPACING_RTOL, atol=0)
     if resample:
         grid_shape = tuple(max(1, round(n * s / spacing)) for n, s in zip(cropped_shape, voxel_size))
@@ -256,17 +368,30 @@ def segment_volume(
     if lcc:
         labels = keep_largest_component(labels)
 
-    full = np.zeros(oriented.shape, dtype=np.uint8)
+    full = np.zeros(oriented.shape[-3:], dtype=np.uint8)
     full[box] = labels
     labels_out = _apply_orientation(full, to_input)
     uncertainty_out = None
     if uncertainty is not None:
-        full_unc = np.zeros(oriented.shape, dtype=np.float32)
+        full_unc = np.zeros(oriented.shape[-3:], dtype=np.float32)
         full_unc[box] = np.clip(uncertainty, 0.0, None)
         uncertainty_out = _apply_orientation(full_unc, to_input)
-    if labels_out.shape != data.shape:  # the transforms are inverse permutations; this would be a bug
-        raise RuntimeError(f"mapped-back shape {labels_out.shape} differs from the input shape {data.shape}")
+    if labels_out.shape != data.shape[-3:]:  # the transforms are inverse permutations; this would be a bug
+        raise RuntimeError(f"mapped-back shape {labels_out.shape} differs from the input shape {data.shape[-3:]}")
     return Segmentation(labels_out, uncertainty_out)
+
+
+def _normalise_channels(cropped: np.ndarray) -> np.ndarray:
+    """:func:`normalise_intensity` of a (D, H, W) volume, or of each channel of a (C, D, H, W) one on its own."""
+    if cropped.ndim == 3:
+        return normalise_intensity(cropped)
+    channels = []
+    for index, channel in enumerate(cropped):
+        try:
+            channels.append(normalise_intensity(channel))
+        except ValueError as err:
+            raise ValueError(f"input channel {index + 1} of {len(cropped)}: {err}") from None
+    return np.stack(channels)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -306,11 +431,15 @@ def write_like(path: PathLike, array: np.ndarray, reference: Any, dtype: Any) ->
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(
-        description="Segment the whole tumour in a FLAIR scan (BraTS case folder or one NIfTI) with a UG-MCL "
-        "network; the output is in the input's own voxel grid and affine.",
+        description="Segment the whole tumour in a scan (BraTS case folder, or one NIfTI per modality) with a "
+        "UG-MCL network; the output is in the input's own voxel grid and affine.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--input", required=True, help="BraTS case folder (uses its FLAIR) or a FLAIR .nii[.gz]")
+    parser.add_argument("--input", required=True, nargs="+",
+                        help="BraTS case folder (uses its *_<modality>.nii[.gz] files) or one .nii[.gz] per "
+                             "modality, in the order of --modalities")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=["flair"],
+                        help="the network's input channels, in order (as preprocess_brats2019.py --modalities)")
     parser.add_argument("--output", required=True, help="segmentation to write (.nii.gz), uint8 0/1")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", default=None, help="weights file (plain state_dict or training checkpoint)")
@@ -339,17 +468,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mc_passes < 1:
         parser.error(f"--mc_passes must be >= 1, found {args.mc_passes}")
+    if len(set(args.modalities)) != len(args.modalities):
+        parser.error(f"--modalities must not repeat, found {' '.join(args.modalities)}")
     try:
-        flair = find_flair(args.input)
+        scans = find_inputs(args.input, args.modalities)
         for target in (args.output, args.uncertainty):
             if target is not None and not _is_nifti(Path(target)):
                 raise InputError(f"output {target} must end in .nii.gz or .nii")
             if target is not None:
                 check_writable(target)  # now, not after the whole prediction
-                if _same_file(target, flair):
-                    raise InputError(f"output {target} is the input scan {flair}; it would be overwritten")
+                for scan in scans:
+                    if _same_file(target, scan):
+                        raise InputError(f"output {target} is the input scan {scan}; it would be overwritten")
         if args.uncertainty is not None and _same_file(args.uncertainty, args.output):
             raise InputError(f"--uncertainty and --output are the same file {args.output}; give two paths")
+        reference, data = load_channels(scans)  # unreadable or mismatched scans: before the checkpoint is loaded
         if args.pretrained is not None:
             checkpoint = published_checkpoint_path(args.model_dir, args.pretrained)
             if not checkpoint.is_file():
@@ -362,10 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = get_device(args.device)
         window = dataclasses.replace(window_from_args(args), mc_passes=args.mc_passes if args.uncertainty else 0)
         kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
-        net = net_factory_3d(args.model, in_chns=1, class_num=args.num_classes, **kwargs)
-        load_weights(net, checkpoint, map_location="cpu")
+        net = net_factory_3d(args.model, in_chns=len(args.modalities), class_num=args.num_classes, **kwargs)
+        _load_weights_for(net, checkpoint, args.modalities)
         fast = speed.prepare_inference(net, speed.options_from_args(args), device)
-        reference, data = load_flair(flair)
         with fast.around_case():
             result = segment_volume(fast.net, data, reference.affine, spacing=args.spacing if args.spacing > 0 else None,
                                     window=window, lcc=args.lcc, device=device)
@@ -376,8 +508,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     tumour = int(np.count_nonzero(result.labels))
-    print(f"{flair} -> {args.output} ({tumour} tumour voxels)", file=sys.stderr)
+    print(f"{', '.join(str(scan) for scan in scans)} -> {args.output} ({tumour} tumour voxels)", file=sys.stderr)
     return 0
+
+
+def _load_weights_for(net: nn.Module, checkpoint: Path, modalities: Sequence[str]) -> None:
+    """``load_weights``; an error says how many input channels ``--modalities`` gave the network."""
+    try:
+        load_weights(net, checkpoint, map_location="cpu")
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as err:
+        channels = f"{len(modalities)} input channel" + ("s" if len(modalities) != 1 else "")
+        raise CheckpointError(f"{err} (the network has {channels}: --modalities {' '.join(modalities)})") from None
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:

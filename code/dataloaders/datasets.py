@@ -4,19 +4,30 @@ papers' defaults for each.
 Every layout stores one HDF5 file per case with an ``image`` dataset ((D, H, W) or (C, D, H, W) float32) and, for a
 labelled case, a ``label`` dataset ((D, H, W) uint8, class indices). A split list names one case per line.
 
-==============  ======================================================  =========================================
-``--dataset``   case file of ``<name>``                                 split lists
-==============  ======================================================  =========================================
-``brats2019``   ``<root>/data/<name>.h5`` (``preprocess_brats2019.py``)  ``train.txt``, ``val.txt``, ``test.txt``
-``folder``      ``<root>/data/<name>.h5`` (``prepare_dataset.py``)       the same, and ``unlabeled.txt``
-``la``          ``<root>/2018LA_Seg_Training Set/<name>/mri_norm2.h5``   ``train.list``, ``test.list`` (UA-MT layout)
-``pancreas``    ``<root>/Pancreas_h5/<name>_norm.h5``                    ``train.list``, ``test.list`` (MC-Net layout)
-==============  ======================================================  =========================================
+=============  =======================================================  ==============================================
+``--dataset``  case file of ``<name>``                                  split lists
+=============  =======================================================  ==============================================
+``brats2019``  ``<root>/data/<name>.h5`` (``preprocess_brats2019.py``)  ``train.txt``, ``val.txt``, ``test.txt``
+``folder``     ``<root>/data/<name>.h5`` (``prepare_dataset.py``)       the same, and ``unlabeled.txt``
+``la``         ``<root>/2018LA_Seg_Training Set/<name>/mri_norm2.h5``   ``train.list``, ``test.list`` (UA-MT layout)
+``pancreas``   ``<root>/Pancreas_h5/<name>_norm.h5``                    ``train.list``, ``test.list`` (MC-Net layout)
+``coranet``    ``<root>/<name>``, a line naming the file (``0001.h5``)  ``{train_lab,train_unlab,test}.txt`` (CoraNet)
+=============  =======================================================  ==============================================
 
 The labelled training cases are the first ``--labeled_num`` names of the train list; the rest of it, and every case
 of an ``unlabeled`` list, are unlabelled, and their label is never read (a case listed as unlabelled may have none).
 A list that a layout does not have (``val`` of LA) is simply absent: training then keeps the last weights. The lists
 may live in another folder than the cases (``--split_dir``), e.g. your own split of the shared LA samples.
+
+``coranet`` is Pancreas-CT as CoraNet (Shi et al., TMI 2021) distributes it: its ``preprocess/pancreas_preprocess.py``
+writes one flat ``<case number>.h5`` per case (``image`` and ``label``, (W, H, D), the CT clipped to [-125, 275] and
+scaled to [0, 1]) and its ``split_file_path`` writes those file names, extension included, to ``train_lab.txt``
+(labelled), ``train_unlab.txt`` (unlabelled) and ``test.txt``, which its ``dataset/pancreas.py`` joins to the data
+folder. So a list line is the case file relative to ``--root_path`` (our assumption: no ``Pancreas_h5/..._norm.h5``
+naming); the lists usually sit in CoraNet's ``data_lists/pancreas/`` (pass it as ``--split_dir``). ``train`` is
+``train_lab.txt`` and ``unlabeled`` is ``train_unlab.txt``, so pass ``--labeled_num`` = the number of lines of
+``train_lab.txt`` (the default, 12, fits a 20 % split of the 62 training cases; a larger value is refused, a smaller
+one trains the rest of ``train_lab.txt`` as unlabelled).
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ class DatasetLayout:
         return Path(root) / self.case_pattern.format(name=name)
 
 
+_CORANET_SPLITS = {"train": "train_lab.txt", "unlabeled": "train_unlab.txt", "test": "test.txt"}
 _FOLDER_SPLITS = {"train": "train.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "unlabeled.txt"}
 _LIST_SPLITS = {"train": "train.list", "val": "val.list", "test": "test.list", "unlabeled": "unlabeled.list"}
 
@@ -100,6 +112,16 @@ DATASETS: dict[str, DatasetLayout] = {
         models={"unet_3D_dt": "vnet_dt"},
         source="MC-Net on Pancreas-CT (62 training / 20 test cases): V-Net, 96^3, sliding window stride 16; "
                "12 labelled = 20 %",
+    ),
+    "coranet": DatasetLayout(
+        "coranet", _CORANET_SPLITS, "{name}",
+        defaults={"root_path": "../data/Pancreas_CoraNet", "exp": "Pancreas_CoraNet_UGMCL", "labeled_num": 12,
+                  "patch_size": (96, 96, 96), "max_iterations": 15000, "lr_schedule": "constant",
+                  "stride_xy": 16, "stride_z": 16},
+        models={"unet_3D_dt": "vnet_dt"},
+        source="the pancreas settings (MC-Net: V-Net, 96^3, stride 16, 12 labelled); files and lists as CoraNet "
+               "writes them (preprocess/pancreas_preprocess.py, dataset/pancreas.py): a list line such as 0001.h5 is "
+               "the case file under the root; --labeled_num should be the length of train_lab.txt",
     ),
 }
 """``--dataset`` name -> :class:`DatasetLayout`."""

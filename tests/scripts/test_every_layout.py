@@ -109,3 +109,13 @@ def test_every_method_trains_on_the_la_tree(trees: dict[str, Path], tmp_path: Pa
     model = {"urpc": ["--model", "unet_3D_ds"]}.get(method, [])
     result = _train_and_test(trees["la"], "la", method, tmp_path, *model)
     assert result["config"]["method"] == method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["brats2019", "pancreas", "nnunet", "msd"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_every_other_layout(trees: dict[str, Path], tmp_path: Path, dataset: str, method: str) -> None:
+    layout = "folder" if dataset in ("nnunet", "msd") else dataset
+    model = {"urpc": ["--model", "unet_3D_ds"]}.get(method, [])
+    result = _train_and_test(trees[dataset], layout, method, tmp_path, *model)
+    assert result["config"]["method"] == method

@@ -312,3 +312,157 @@ def test_a_full_disk_at_the_end_is_one_line_naming_the_output(tmp_path, checkpoi
         assert code == 1
         assert line == f"error: [Errno 28] No space left on device: '{out}'"
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+# ------------------------------------------------------------------------------------------------ modalities
+
+
+def t2_volume(seed: int = 1) -> np.ndarray:
+    """A second modality of :func:`flair_volume`'s scan: a larger brain (so the crop box is the union of both) and
+    a bright blob elsewhere (so a network reading this channel segments something else)."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    brain = ((x - 22) / 18) ** 2 + ((y - 19) / 16) ** 2 + ((z - 15) / 13) ** 2 <= 1
+    blob = (x - 15) ** 2 + (y - 14) ** 2 + (z - 12) ** 2 <= 16
+    rng = np.random.default_rng(seed)
+    values = 500 - 3 * y + 2 * z + 400 * blob + rng.normal(0, 10, SHAPE)
+    return np.where(brain, values, 0).astype(np.float32)
+
+
+class ChannelThreshold(Threshold):
+    """:class:`Threshold` of input channel ``channel`` (the network has several)."""
+
+    def __init__(self, level: float, channel: int) -> None:
+        super().__init__(level)
+        self.channel = channel
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x[:, self.channel : self.channel + 1])
+
+
+def expected_threshold(volumes: list[np.ndarray], channel: int, level: float) -> np.ndarray:
+    """From the preprocessing definition: crop to the voxels nonzero in any modality, normalise, threshold."""
+    _, bbox = crop_to_nonzero(np.stack(volumes))
+    box = tuple(slice(a, b) for a, b in bbox)
+    expected = np.zeros(volumes[0].shape, dtype=np.uint8)
+    expected[box] = normalise_intensity(volumes[channel][box]) > level
+    return expected
+
+
+def save_scan(path: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(volume, affine), path)
+    return path
+
+
+@pytest.fixture
+def stub_network(monkeypatch):
+    """Make ``predict.main`` build a :class:`ChannelThreshold` reading channel 1 and record its input channels."""
+    import predict
+
+    built: list[int] = []
+
+    def factory(name, in_chns, class_num, **kwargs):
+        built.append(in_chns)
+        return ChannelThreshold(0.5, channel=1)
+
+    monkeypatch.setattr(predict, "net_factory_3d", factory)
+    monkeypatch.setattr(predict, "load_weights", lambda net, path, map_location=None: None)
+    return built
+
+
+@pytest.mark.parametrize("given", ["case_folder", "files_in_order"])
+def test_two_modalities_give_the_threshold_of_channel_1_in_the_input_grid(tmp_path, stub_network, given):
+    flair, t2 = to_ras_transposed(flair_volume(), LPS_AFFINE)[0], to_ras_transposed(t2_volume(), LPS_AFFINE)[0]
+    _, affine = to_ras_transposed(flair_volume(), LPS_AFFINE)
+    case = tmp_path / "BraTS19_NEW_2"
+    case.mkdir()
+    paths = {m: save_scan(case / f"BraTS19_NEW_2_{m}.nii.gz", v, affine) for m, v in (("flair", flair), ("t2", t2))}
+    save_scan(case / "BraTS19_NEW_2_t1.nii.gz", np.zeros_like(flair), affine)  # not asked for: never read
+    if given == "case_folder":  # --modalities flair t2: channel 1 is T2
+        inputs, modalities, expected = [str(case)], ["flair", "t2"], expected_threshold([flair, t2], 1, 0.5)
+    else:  # files in the order of --modalities t2 flair: channel 1 is FLAIR
+        inputs, modalities = [str(paths["t2"]), str(paths["flair"])], ["t2", "flair"]
+        expected = expected_threshold([t2, flair], 1, 0.5)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["--input", *inputs, "--modalities", *modalities, "--output", str(out), "--checkpoint", "unused.pth",
+                 *FAST_ARGS]) == 0
+    assert stub_network == [2]  # the network's input channels follow --modalities
+    seg = nib.load(out)
+    assert seg.shape == flair.shape
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
+    assert 0 < expected.sum() < 0.5 * (t2 > 0).sum()
+    channel_0 = expected_threshold([flair, t2], 0 if given == "case_folder" else 1, 0.5)
+    assert (expected != channel_0).any()  # channel 1 is read, not channel 0
+    if given == "files_in_order":  # FLAIR's own box lies inside T2's: the union box sets its normalisation
+        assert (expected != expected_threshold([flair], 0, 0.5)).any()
+
+
+def test_one_modality_of_a_4d_array_is_the_3d_segmentation():
+    volume = flair_volume()
+    three = segment_volume(Threshold(0.5), volume, LPS_AFFINE, **FAST).labels
+    four = segment_volume(Threshold(0.5), volume[None], LPS_AFFINE, **FAST).labels
+    np.testing.assert_array_equal(four, three)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_2ch(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt2") / "net2.pth"
+    torch.save(net_factory_3d("unet_3D_dt", in_chns=2, class_num=2, feature_scale=8).state_dict(), path)
+    return path
+
+
+def test_cli_two_modalities_with_a_two_channel_network(tmp_path, checkpoint_2ch):
+    case = tmp_path / "case"
+    case.mkdir()
+    save_scan(case / "case_flair.nii.gz", flair_volume(), LPS_AFFINE)
+    save_scan(case / "case_t1ce.nii.gz", t2_volume(), LPS_AFFINE)
+    save_scan(case / "case_t1.nii.gz", np.zeros(SHAPE, np.float32), LPS_AFFINE)  # t1 must not take the t1ce file
+    out, unc = tmp_path / "seg.nii.gz", tmp_path / "unc.nii.gz"
+    assert main(["--input", str(case), "--modalities", "flair", "t1ce", "--output", str(out), "--uncertainty",
+                 str(unc), "--mc_passes", "2", "--checkpoint", str(checkpoint_2ch), *FAST_ARGS]) == 0
+    for path in (out, unc):
+        assert nib.load(path).shape == SHAPE
+        np.testing.assert_allclose(nib.load(path).affine, LPS_AFFINE)
+
+
+@pytest.mark.parametrize(
+    "problem", ["missing_modality", "shape", "affine", "count", "one_channel_checkpoint", "repeated"]
+)
+def test_modality_errors_are_one_line(tmp_path, checkpoint, checkpoint_2ch, capsys, problem):
+    case = tmp_path / "BraTS19_NEW_3"
+    case.mkdir()
+    flair = save_scan(case / "BraTS19_NEW_3_flair.nii.gz", flair_volume(), LPS_AFFINE)
+    t2 = case / "BraTS19_NEW_3_t2.nii.gz"
+    inputs, modalities, weights = [str(flair), str(t2)], ["flair", "t2"], str(checkpoint_2ch)
+    if problem == "missing_modality":
+        save_scan(case / "BraTS19_NEW_3_t1ce.nii.gz", t2_volume(), LPS_AFFINE)
+        inputs, expected = [str(case)], [f"no t2 NIfTI (*_t2.nii.gz) in folder {case}"]
+    elif problem == "shape":
+        save_scan(t2, t2_volume()[:, :, :-2], LPS_AFFINE)
+        expected = [f"{t2} has shape (44, 40, 28) but {flair} has shape (44, 40, 30)"]
+    elif problem == "affine":
+        save_scan(t2, t2_volume(), LPS_AFFINE @ np.diag([1.0, 1.0, 2.0, 1.0]))
+        expected = [f"{t2} and {flair} have different affines"]
+    elif problem == "count":
+        save_scan(t2, t2_volume(), LPS_AFFINE)
+        modalities, expected = ["flair"], ["2 input files for 1 modalities (flair)"]
+    elif problem == "one_channel_checkpoint":
+        save_scan(t2, t2_volume(), LPS_AFFINE)
+        weights, expected = str(checkpoint), [f"weights in {checkpoint} do not fit",
+                                              "(the network has 2 input channels: --modalities flair t2)"]
+    else:
+        save_scan(t2, t2_volume(), LPS_AFFINE)
+        inputs, modalities, expected = [str(case)], ["t2", "t2"], ["--modalities must not repeat"]
+    out = tmp_path / "seg.nii.gz"
+    with contextlib.suppress(SystemExit):  # argparse's exit 2 for a repeated modality
+        code = main(["--input", *inputs, "--modalities", *modalities, "--output", str(out), "--checkpoint", weights,
+                     *FAST_ARGS])
+    err = capsys.readouterr().err.strip()
+    if problem == "repeated":
+        assert expected[0] in err.splitlines()[-1]
+        return
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith("error: ") and all(e in line for e in expected), line
+    assert not out.exists()
