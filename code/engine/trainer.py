@@ -214,6 +214,7 @@ class Trainer:
                 logs = self.train_step(batch, step)
                 iteration = step + 1
                 self.log_step(batch, logs, iteration, bar)
+                self.save_stage_end(step)
                 if self.val_cases and (iteration % self.cfg.val_interval == 0 or iteration == self.cfg.max_iterations):
                     self.validate_and_save_best(iteration)
                 stopping = self.stop_after is not None and iteration >= self.stop_after
@@ -358,6 +359,13 @@ class Trainer:
         atomic_torch_save(weights, self.out / f"{self.cfg.model}_best_model.pth")
         atomic_torch_save(weights, self.out / f"iter_{iteration}_dice_{metrics['dice']:.4f}.pth")
         logger.info("saved best model (dice %.4f) at iteration %d", metrics["dice"], iteration)
+
+    def save_stage_end(self, step: int) -> None:
+        """``<model>_<stage>_model.pth`` after the last iteration of a stage that another stage follows (rank 0)."""
+        stage = self.method.stage(step)
+        if step + 1 < self.cfg.max_iterations and self.method.stage(step + 1) != stage and self.info.is_main:
+            atomic_torch_save(cpu_state_dict(self.student), self.out / f"{self.cfg.model}_{stage}_model.pth")
+            logger.info("saved the %s stage's model at iteration %d", stage, step + 1)
 
     def save_checkpoint(self, iteration: int) -> None:
         """``checkpoint_latest.pth`` with every rank's RNG states, after checking the weights are finite."""

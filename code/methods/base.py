@@ -126,6 +126,14 @@ class Method:
         """The networks whose forwards a step runs (the student, and the teacher if there is one)."""
         return [self.student]
 
+    def stage(self, step: int) -> str:
+        """The name of the training stage that 0-based iteration ``step`` belongs to (one stage: ``"train"``).
+
+        A method of several stages (pre-training, then self-training) names them; the trainer saves the student
+        as ``<model>_<stage>_model.pth`` when a stage ends.
+        """
+        return "train"
+
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Return the scalar loss to back-propagate and a dict of floats to log."""
         raise NotImplementedError

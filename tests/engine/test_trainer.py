@@ -253,3 +253,19 @@ def test_four_modalities_train_with_the_channels_read_from_the_data(tmp_path: Pa
     assert weights["conv1.conv1.0.weight"].shape[1] == 4
     with pytest.raises(TrainingError, match=r"--in_channels 1 does not fit the data: .* 4 channel"):
         train(tiny_config(root, in_channels=1), model_dir=tmp_path / "m1", progress=False)
+
+
+def test_a_method_with_two_stages_gets_the_first_stages_model_saved(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from methods.supervised import Supervised
+
+    monkeypatch.setattr(Supervised, "stage", lambda self, step: "pretrain" if step < 2 else "selftrain")
+    summary = train(tiny_config(tiny_root, method="supervised", max_iterations=3, val_interval=3, save_interval=1),
+                    model_dir=tmp_path, progress=False)
+    out = Path(summary["out_dir"])
+    pretrain = torch.load(out / "unet_3D_dt_pretrain_model.pth", weights_only=True)
+    assert "saved the pretrain stage's model at iteration 2" in (out / "log.txt").read_text()
+    assert not (out / "unet_3D_dt_selftrain_model.pth").exists()  # the last stage: the last model
+    last = torch.load(out / "unet_3D_dt_last_model.pth", weights_only=True)
+    assert any(not torch.equal(pretrain[k], last[k]) for k in last)  # saved after iteration 2, not 3
