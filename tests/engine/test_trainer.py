@@ -269,3 +269,36 @@ def test_a_method_with_two_stages_gets_the_first_stages_model_saved(
     assert not (out / "unet_3D_dt_selftrain_model.pth").exists()  # the last stage: the last model
     last = torch.load(out / "unet_3D_dt_last_model.pth", weights_only=True)
     assert any(not torch.equal(pretrain[k], last[k]) for k in last)  # saved after iteration 2, not 3
+
+
+def test_a_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_root: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    args = ["--root_path", str(tiny_root), "--exp", "tiny", "--labeled_num", "2", "--patch_size", "32", "32", "32",
+            "--feature_scale", "16", "--max_iterations", "10", "--batch_size", "2", "--labeled_bs", "1",
+            "--mc_passes", "2", "--val_interval", "100", "--save_interval", "1", "--num_workers", "0",
+            "--device", "cpu", "--stride_xy", "16", "--stride_z", "16", "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([sys.executable, "train_UGMCL_3D.py", *args, "--model_dir", str(tmp_path / "whole")],
+                           cwd=CODE, env=env, capture_output=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-500:]
+    latest = tmp_path / "killed" / "tiny_2" / "unet_3D_dt" / "checkpoint_latest.pth"
+    proc = subprocess.Popen([sys.executable, "train_UGMCL_3D.py", *args, "--model_dir", str(tmp_path / "killed")],
+                            cwd=CODE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and torch.load(latest, weights_only=True)["iteration"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    stopped_at = torch.load(latest, weights_only=True)["iteration"]
+    assert 2 <= stopped_at < 10  # killed mid-run, after a checkpoint
+    resumed = subprocess.run([sys.executable, "train_UGMCL_3D.py", *args, "--model_dir", str(tmp_path / "killed"),
+                              "--resume"], cwd=CODE, env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-500:]
+    a = torch.load(tmp_path / "whole" / "tiny_2" / "unet_3D_dt" / "unet_3D_dt_last_model.pth", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "tiny_2" / "unet_3D_dt" / "unet_3D_dt_last_model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
