@@ -37,8 +37,31 @@ def _bool(text: str) -> bool:
 
 def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) -> argparse.ArgumentParser:
     """The command line; ``method`` fixes ``--method`` for thin baseline entry scripts."""
-    d = defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _data_and_model_arguments(p, defaults)
+    _optimisation_arguments(p, defaults)
+    _method_arguments(p, defaults, method)
+    _newer_method_arguments(p, defaults)
+    _run_control_arguments(p, defaults)
+    speed.add_arguments(p, defaults.speed)
+    return p
+
+
+def _newer_method_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The options of BCP (``methods/bcp.py``; defaults: BCP's LA_BCP_train.py)."""
+    g = p.add_argument_group("BCP")
+    g.add_argument("--bcp_pretrain_iterations", type=int, default=d.bcp_pretrain_iterations,
+                   help="iterations of copy-paste pre-training before the self-training (BCP pre_max_iteration)")
+    g.add_argument("--bcp_u_weight", type=float, default=d.bcp_u_weight,
+                   help="loss weight of the voxels from an unlabelled image (BCP u_weight)")
+    g.add_argument("--bcp_mask_ratio", type=float, default=d.bcp_mask_ratio,
+                   help="side of the pasted cuboid / side of the patch (BCP mask_ratio)")
+    g.add_argument("--bcp_largest_cc", type=int, choices=[0, 1], default=d.bcp_largest_cc,
+                   help="1: keep the largest connected component of each pseudo-label class (BCP nms=1)")
+
+
+def _data_and_model_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where the data is, the network and the run's folder."""
     g = p.add_argument_group("data and model (names of the released code)")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
                    help="layout of the data and the papers' defaults for it (dataloaders/datasets.py)")
@@ -59,6 +82,10 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--num_classes", type=int, default=None,
                    help="output classes (default: those of <root>/dataset.json when prepare_dataset.py wrote it, else 2)")
     g.add_argument("--feature_scale", type=int, default=d.feature_scale, help="U-Net width divisor (4 = published)")
+
+
+def _optimisation_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The optimiser, the schedule and the seed."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_iterations", type=int, default=None,
                    help=f"(default: {d.max_iterations} for brats2019, 6000 for la, 15000 for pancreas)")
@@ -74,6 +101,10 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deterministic", type=int, default=d.deterministic, help="1: deterministic kernels")
+
+
+def _method_arguments(p: argparse.ArgumentParser, d: TrainConfig, method: str | None) -> None:
+    """The method and its hyper-parameters (``method`` fixes ``--method`` for the thin scripts)."""
     g = p.add_argument_group("method")
     if method is None:
         from methods import METHODS
@@ -101,6 +132,10 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--consistency_rows", choices=["released", "all", "unlabeled"], default=d.consistency_rows,
                    help="baselines: batch rows of the unsupervised term (released = as in each method's code)")
     g.add_argument("--dtc_sdf_weight", type=float, default=d.dtc_sdf_weight, help="DTC: SDF regression weight")
+
+
+def _run_control_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Validation, checkpoints, workers, device and resume."""
     g = p.add_argument_group("run control")
     g.add_argument("--val_interval", type=int, default=d.val_interval)
     g.add_argument("--save_interval", type=int, default=d.save_interval)
@@ -113,9 +148,6 @@ def build_parser(defaults: TrainConfig = DEFAULTS, method: str | None = None) ->
     g.add_argument("--stride_z", type=int, default=None, help="(default: two thirds of the patch)")
     g.add_argument("--sw_batch", type=int, default=d.sw_batch)
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    speed.add_arguments(p, d.speed)
-    return p
-
 
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}

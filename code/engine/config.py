@@ -92,6 +92,10 @@ class TrainConfig:
     beta: float = 0.75  # paper variant: beta * seg consistency + (1 - beta) * SDF consistency
     consistency_rows: str = "released"  # baselines: rows of the unsupervised term ("released", "all", "unlabeled")
     dtc_sdf_weight: float = 0.3  # DTC: weight of the SDF regression in the supervised loss
+    bcp_pretrain_iterations: int = 2000  # BCP: copy-paste pre-training iterations before the self-training
+    bcp_u_weight: float = 0.5  # BCP: loss weight alpha of the voxels that come from an unlabelled image
+    bcp_mask_ratio: float = 2 / 3  # BCP: side of the pasted cuboid / side of the patch, on each axis
+    bcp_largest_cc: int = 1  # BCP: keep the largest connected component of each pseudo-label class
     # run control
     val_interval: int = 200
     save_interval: int = 200
@@ -177,6 +181,10 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("sdf_k", 0, None, False, True),
     ("beta", 0, 1, True, True),
     ("dtc_sdf_weight", 0, None, True, True),
+    ("bcp_pretrain_iterations", 0, None, True, True),
+    ("bcp_u_weight", 0, None, True, True),
+    ("bcp_mask_ratio", 0, 1, False, True),
+    ("bcp_largest_cc", 0, 1, True, True),
     ("val_interval", 1, None, True, True),
     ("save_interval", 1, None, True, True),
     ("num_workers", 0, None, True, True),

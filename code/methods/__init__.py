@@ -2,14 +2,16 @@
 
 ``METHODS`` maps the ``--method`` names to their classes (a plain dict: no registry, no lookup magic).
 UG-MCL and the baselines of the paper's Table 4: supervised only, Mean Teacher, UA-MT, entropy minimisation,
-DTC and URPC.
+DTC and URPC; and MC-Net+ (``mcnet_plus``).
 """
 
 from __future__ import annotations
 
 from methods.base import Batch, Method
+from methods.bcp import BCP
 from methods.dtc import DTC
 from methods.entropy_min import EntropyMinimization
+from methods.mcnet_plus import MCNetPlus
 from methods.mean_teacher import MeanTeacher
 from methods.supervised import Supervised
 from methods.uamt import UAMT
@@ -24,9 +26,12 @@ METHODS: dict[str, type[Method]] = {
     "entropy_min": EntropyMinimization,
     "dtc": DTC,
     "urpc": URPC,
+    "bcp": BCP,
+    "mcnet_plus": MCNetPlus,
 }
 
 __all__ = [
+    "BCP",
     "DTC",
     "METHODS",
     "UAMT",
@@ -34,6 +39,7 @@ __all__ = [
     "URPC",
     "Batch",
     "EntropyMinimization",
+    "MCNetPlus",
     "MeanTeacher",
     "Method",
     "Supervised",

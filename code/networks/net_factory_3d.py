@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from networks.mcnet import MCNet3d_v2
 from networks.unet_3D import unet_3D, unet_3D_ds, unet_3D_dt
 from networks.vnet import VNet, VNet_dt
 
@@ -25,6 +26,11 @@ def _vnet_dt(in_chns: int, class_num: int, **kwargs: Any) -> nn.Module:
     return VNet_dt(n_channels=in_chns, n_classes=class_num, **kwargs)
 
 
+def _mcnet3d_v2(in_chns: int, class_num: int, **kwargs: Any) -> nn.Module:
+    kwargs = {"normalization": "batchnorm", "has_dropout": True, **kwargs}  # MC-Net+'s mode="train"
+    return MCNet3d_v2(n_channels=in_chns, n_classes=class_num, **kwargs)
+
+
 NETWORKS_3D: dict[str, Callable[..., nn.Module]] = {
     "unet_3D": lambda in_chns, class_num, **kw: unet_3D(n_classes=class_num, in_channels=in_chns, **kw),
     "unet_3D_dt": lambda in_chns, class_num, **kw: unet_3D_dt(n_classes=class_num, in_channels=in_chns, **kw),
@@ -32,6 +38,7 @@ NETWORKS_3D: dict[str, Callable[..., nn.Module]] = {
     "unet_3D_dv_semi": lambda in_chns, class_num, **kw: unet_3D_ds(n_classes=class_num, in_channels=in_chns, **kw),
     "vnet": _vnet,
     "vnet_dt": _vnet_dt,
+    "mcnet3d_v2": _mcnet3d_v2,
 }
 """Name -> builder ``(in_chns, class_num, **kwargs) -> nn.Module``. ``unet_3D_dv_semi`` is SSL4MIS's name for
 ``unet_3D_ds``."""
@@ -42,7 +49,7 @@ def net_factory_3d(net_type: str = "unet_3D", in_chns: int = 1, class_num: int =
 
     Args:
         net_type: one of ``NETWORKS_3D``: ``"unet_3D"``, ``"unet_3D_dt"``, ``"unet_3D_ds"`` (alias
-            ``"unet_3D_dv_semi"``), ``"vnet"``, ``"vnet_dt"``. Default ``"unet_3D"``.
+            ``"unet_3D_dv_semi"``), ``"vnet"``, ``"vnet_dt"``, ``"mcnet3d_v2"`` (MC-Net+). Default ``"unet_3D"``.
         in_chns: input channels. Default 1.
         class_num: output classes. Default 2.
         **kwargs: passed to the constructor, e.g. ``feature_scale=8`` or ``is_batchnorm=False`` for the U-Nets,

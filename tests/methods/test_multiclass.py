@@ -20,6 +20,7 @@ from methods.entropy_min import entropy_min_objective
 from methods.supervised import supervised_objective
 from methods.uamt import uamt_objective
 from methods.ugmcl import ground_truth_sdf, ugmcl_objective
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
 from networks.unet_3D import unet_3D_ds, unet_3D_dt
 from networks.vnet import VNet_dt
 from utils.sdf import compute_sdf_torch
@@ -268,6 +269,9 @@ def _network(name: str) -> nn.Module:
         return unet_3D_ds(feature_scale=16, n_classes=C)
     if name == "vnet_dt":
         return VNet_dt(n_classes=C, n_filters=4, has_dropout=True)
+    if name in NETWORKS_3D:  # any other network the factory knows, as small as it goes
+        kwargs = {"feature_scale": 16} if name.startswith("unet") else {"n_filters": 4}
+        return net_factory_3d(name, in_chns=1, class_num=C, **kwargs)
     raise AssertionError(f"no tiny network for {name}")
 
 
