@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from methods.base import Batch, Method, Passes, Term
 from methods.supervised import ConsistencyOptions, DiceMode, floats_for_log, row_slice, supervised_terms
+from networks.outputs import same_shaped_maps
 from utils.ramps import ConsistencyRamp
 
 if TYPE_CHECKING:
@@ -157,22 +158,7 @@ def mcnet_plus_objective(
 
 def _decoders(output: Any) -> list[Tensor]:
     """The K logits maps of a multi-decoder output, or a one-line error naming --model."""
-    if (
-        isinstance(output, (tuple, list))
-        and len(output) >= _MIN_DECODERS
-        and all(isinstance(o, Tensor) and o.shape == output[0].shape for o in output)
-    ):
-        return list(output)
-    if isinstance(output, (tuple, list)):
-        found = f"a {type(output).__name__} of {len(output)} outputs"
-        if all(isinstance(o, Tensor) for o in output):
-            found += " shaped " + ", ".join(str(tuple(o.shape)) for o in output)
-    else:
-        found = f"a single {type(output).__name__}"
-    raise ValueError(
-        f"--method mcnet_plus needs a multi-decoder --model returning {_MIN_DECODERS} or more same-shaped logits maps, "
-        f"such as mcnet3d_v2; the network returned {found}"
-    )
+    return same_shaped_maps(output, _MIN_DECODERS, "mcnet_plus", f"a multi-decoder --model returning {_MIN_DECODERS} or more same-shaped logits maps, such as mcnet3d_v2")
 
 
 class MCNetPlus(ConsistencyOptions, Method):

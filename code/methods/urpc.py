@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from methods.base import Batch, Method, Passes, Term
 from methods.supervised import ConsistencyOptions, DiceMode, floats_for_log, row_slice, supervised_terms
+from networks.outputs import same_shaped_maps
 from utils.losses import kl_divergence_map, uncertainty_rectified_consistency
 from utils.ramps import ConsistencyRamp
 
@@ -41,22 +42,7 @@ _MIN_LEVELS = 3  # a two-element output is a dual-task (dis, logits) network, no
 
 def _pyramid(output: Any) -> list[Tensor]:
     """The K logits maps of a deep-supervision output, or a one-line error naming --model."""
-    if (
-        isinstance(output, (tuple, list))
-        and len(output) >= _MIN_LEVELS
-        and all(isinstance(o, Tensor) and o.shape == output[0].shape for o in output)
-    ):
-        return list(output)
-    if isinstance(output, (tuple, list)):
-        found = f"a {type(output).__name__} of {len(output)} outputs"
-        if all(isinstance(o, Tensor) for o in output):
-            found += " shaped " + ", ".join(str(tuple(o.shape)) for o in output)
-    else:
-        found = f"a single {type(output).__name__}"
-    raise ValueError(
-        f"--method urpc needs a deep-supervision --model returning {_MIN_LEVELS} or more same-shaped logits maps, "
-        f"such as unet_3D_ds; the network returned {found}"
-    )
+    return same_shaped_maps(output, _MIN_LEVELS, "urpc", f"a deep-supervision --model returning {_MIN_LEVELS} or more same-shaped logits maps, such as unet_3D_ds")
 
 
 def urpc_objective(

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from networks.conv import Conv3d
 from networks.input_checks import check_volume
 from networks.vnet import (
-    NORMALIZATIONS,
     ConvBlock,
     DownsamplingConvBlock,
     Normalization,
     UpsamplingDeconvBlock,
     _norm,  # the V-Net's normalisation layer, shared so the two families cannot drift apart
+    check_vnet_options,
 )
 
 __all__ = ["MCNet3d_v2", "UPSAMPLINGS", "Upsampling", "UpsamplingInterpolationBlock", "VNetDecoder", "VNetEncoder"]
@@ -181,21 +181,11 @@ class MCNet3d_v2(nn.Module):  # noqa: N801 - the released name
             ``instancenorm``) a size of only (16, 16, 16).
     """
 
-    def __init__(
-        self,
-        n_channels: int = 1,
-        n_classes: int = 2,
-        n_filters: int = 16,
-        normalization: Normalization = "batchnorm",
-        has_dropout: bool = False,
-    ) -> None:
+    def __init__(self, n_channels: int = 1, n_classes: int = 2, n_filters: int = 16,
+                 normalization: Normalization = "batchnorm", has_dropout: bool = False) -> None:
         super().__init__()
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
-        if n_filters < 1:
-            raise ValueError(f"n_filters must be a positive integer, got {n_filters!r}")
-        self.n_channels = n_channels
-        self.normalization = normalization
+        check_vnet_options(normalization, n_filters)
+        self.n_channels, self.normalization = n_channels, normalization
         self.has_dropout = has_dropout
         self.encoder = VNetEncoder(n_channels, n_filters, normalization, has_dropout)
         self.decoder1 = VNetDecoder(n_classes, n_filters, normalization, has_dropout, "transposed")

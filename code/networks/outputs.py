@@ -12,7 +12,7 @@ from typing import Union
 
 from torch import Tensor
 
-__all__ = ["segmentation_logits"]
+__all__ = ["same_shaped_maps", "segmentation_logits"]
 
 NetworkOutput = Union[Tensor, Sequence[Tensor]]
 
@@ -39,3 +39,30 @@ def segmentation_logits(output: NetworkOutput, method: str | None = None) -> Ten
         raise ValueError(f"--method {method} needs a --model returning logits or (dis, logits), such as unet_3D, "
                          f"unet_3D_dt, vnet or vnet_dt; the network returned {found}{hint}")
     raise ValueError(f"cannot read segmentation logits from a network output of {found}")
+
+
+def same_shaped_maps(output: NetworkOutput, minimum: int, method: str, wanted: str) -> list[Tensor]:
+    """The ``minimum`` or more same-shaped logits maps of a multi-output network (deep supervision, several
+    decoders), or a one-line error naming the method and the network it needs.
+
+    Args:
+        output: what the network returned.
+        minimum: the fewest maps the method can use.
+        method: the ``--method`` name, for the message.
+        wanted: what the method needs, for the message, e.g. ``"a deep-supervision --model ... such as unet_3D_ds"``.
+    Raises:
+        ValueError: for another output form.
+    """
+    if (
+        isinstance(output, (tuple, list))
+        and len(output) >= minimum
+        and all(isinstance(o, Tensor) and o.shape == output[0].shape for o in output)
+    ):
+        return list(output)
+    if isinstance(output, (tuple, list)):
+        found = f"a {type(output).__name__} of {len(output)} outputs"
+        if all(isinstance(o, Tensor) for o in output):
+            found += " shaped " + ", ".join(str(tuple(o.shape)) for o in output)
+    else:
+        found = f"a single {type(output).__name__}"
+    raise ValueError(f"--method {method} needs {wanted}; the network returned {found}")

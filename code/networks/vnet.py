@@ -96,6 +96,14 @@ class UpsamplingDeconvBlock(nn.Module):
         return self.conv(x)
 
 
+def check_vnet_options(normalization: str, n_filters: int) -> None:
+    """Refuse an unknown ``normalization`` or a non-positive ``n_filters`` (one-line ValueError)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    if n_filters < 1:
+        raise ValueError(f"n_filters must be a positive integer, got {n_filters!r}")
+
+
 class _VNetTrunk(nn.Module):
     """Encoder-decoder shared by :class:`VNet` and :class:`VNet_dt`; ``_features`` gives the last decoder map.
 
@@ -111,10 +119,7 @@ class _VNetTrunk(nn.Module):
         has_dropout: bool = False,
     ) -> None:
         super().__init__()
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
-        if n_filters < 1:
-            raise ValueError(f"n_filters must be a positive integer, got {n_filters!r}")
+        check_vnet_options(normalization, n_filters)
         self.n_channels = n_channels
         self.has_dropout = has_dropout
         self.normalization = normalization
