@@ -85,7 +85,7 @@ def test_reproduce_dry_run_trains_and_tests_every_method_labelled_count_and_seed
     cmds = _dry_run(capsys, tmp_path)
     trains = [c for c in cmds if c[0] != "test_3D_dt.py"]
     tests = [c for c in cmds if c[0] == "test_3D_dt.py"]
-    assert len(trains) == 7 * 2 * 3
+    assert len(trains) == len(reproduce_brats2019.TABLE4_METHODS) * 2 * 3 == 9 * 2 * 3  # Table 4's seven, MC-Net+, BCP
     assert len(tests) == 2 * len(trains)  # best-val and last of every run
 
     seen, folders = set(), []
@@ -99,7 +99,7 @@ def test_reproduce_dry_run_trains_and_tests_every_method_labelled_count_and_seed
             assert (args.base_lr, args.lr_schedule) == (0.01, "constant")
         else:
             assert (args.base_lr, args.lr_schedule) == (0.1, "poly")
-        assert args.model == {"dtc": "vnet_dt", "urpc": "unet_3D_ds"}.get(method, "unet_3D_dt")
+        assert args.model == {"dtc": "vnet_dt", "urpc": "unet_3D_ds", "mcnet_plus": "mcnet3d_v2"}.get(method, "unet_3D_dt")
         assert args.model_dir == str(tmp_path / "model")
     expected = {(m, n, s) for m in reproduce_brats2019.ENTRY_SCRIPTS for n in (25, 50) for s in (1337, 1338, 1339)}
     assert seen == expected
@@ -163,7 +163,8 @@ def test_reproduce_dry_run_skips_tested_runs_tests_trained_ones_and_resumes_inte
     assert Path(tests[run(5)]["last"].out_dir) == model / run(5) / "unet_3D_dt_predictions_last"
 
 
-LA_MODELS = {"urpc": "unet_3D_ds"}  # on LA every method trains a V-Net (vnet_dt) but URPC (deep supervision)
+# on LA every method trains a V-Net (vnet_dt; BCP its plain vnet, MC-Net+ its three-decoder one) but URPC
+LA_MODELS = {"urpc": "unet_3D_ds", "mcnet_plus": "mcnet3d_v2", "bcp": "vnet"}
 
 
 def _check_la_plan(cmds: list[list[str]], model_dir: Path, seeds: tuple[int, ...]) -> None:
