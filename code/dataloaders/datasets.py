@@ -32,6 +32,7 @@ one trains the rest of ``train_lab.txt`` as unlabelled).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,6 +126,9 @@ DATASETS: dict[str, DatasetLayout] = {
     ),
 }
 """``--dataset`` name -> :class:`DatasetLayout`."""
+
+for _alias in ("nnunet", "msd"):  # what prepare_dataset.py writes from those raw layouts is the ``folder`` layout
+    DATASETS[_alias] = dataclasses.replace(DATASETS["folder"], name=_alias)
 
 
 def dataset_layout(name: str) -> DatasetLayout:

@@ -18,6 +18,8 @@ ROOT = Path("/data/root")
 EXPECTED_SPLITS = {
     "brats2019": {"train": "train.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "unlabeled.txt"},
     "folder": {"train": "train.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "unlabeled.txt"},
+    "nnunet": {"train": "train.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "unlabeled.txt"},
+    "msd": {"train": "train.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "unlabeled.txt"},
     "la": {"train": "train.list", "val": "val.list", "test": "test.list", "unlabeled": "unlabeled.list"},
     "pancreas": {"train": "train.list", "val": "val.list", "test": "test.list", "unlabeled": "unlabeled.list"},
     "coranet": {"train": "train_lab.txt", "val": "val.txt", "test": "test.txt", "unlabeled": "train_unlab.txt"},
@@ -25,6 +27,8 @@ EXPECTED_SPLITS = {
 EXPECTED_CASES = {
     "brats2019": ("c1", "/data/root/data/c1.h5"),
     "folder": ("c1", "/data/root/data/c1.h5"),
+    "nnunet": ("c1", "/data/root/data/c1.h5"),
+    "msd": ("c1", "/data/root/data/c1.h5"),
     "la": ("c1", "/data/root/2018LA_Seg_Training Set/c1/mri_norm2.h5"),
     "pancreas": ("c1", "/data/root/Pancreas_h5/c1_norm.h5"),
     "coranet": ("0001.h5", "/data/root/0001.h5"),  # a CoraNet list line is the file name
