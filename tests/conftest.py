@@ -37,6 +37,16 @@ def real_data_dir() -> Path:
     return REAL_DATA
 
 
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seven synthetic 36x36x34 cases (5 train, 1 val, 1 test) for short training runs."""
+    from synthetic_h5 import write_synthetic_h5_dataset
+
+    root = tmp_path_factory.mktemp("brats")
+    write_synthetic_h5_dataset(root, n_cases=7, shape=(36, 36, 34), seed=3, n_val=1, n_test=1)
+    return root
+
+
 @pytest.fixture(scope="session")
 def real_la_dir() -> Path:
     if not (REAL_LA / "train.list").is_file():

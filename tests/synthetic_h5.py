@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Union
+from typing import Any, List, Union
 
 import h5py
 import numpy as np
@@ -110,3 +110,20 @@ def write_synthetic_h5_dataset(
     for split, members in splits.items():
         (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in members), encoding="utf-8")
     return names
+
+
+def tiny_config(root: PathLike, **overrides: Any) -> Any:
+    """A CPU-sized ``TrainConfig`` on ``root`` (32^3 patches, U-Net / 16, T = 3, 4 iterations); ``fast_network``,
+    ``keep_freed_memory`` and ``compile`` go into its ``speed`` options, everything else overrides a field."""
+    from dataclasses import replace
+
+    from engine.config import TrainConfig
+    from speed import SpeedOptions
+
+    options = {k: overrides.pop(k) for k in ("fast_network", "keep_freed_memory", "compile") if k in overrides}
+    cfg = TrainConfig(
+        root_path=str(root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
+        max_iterations=4, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=2, save_interval=2,
+        num_workers=0, device="cpu", stride_xy=16, stride_z=16, speed=SpeedOptions(**options),
+    )
+    return replace(cfg, **overrides)

@@ -17,28 +17,10 @@ import speed.compile as compile_support
 import speed.passes as passes_module
 from engine.config import TrainConfig
 from engine.trainer import logged_losses, train
-from speed import SpeedOptions
 from speed.compile import CompileError
-from synthetic_h5 import write_synthetic_h5_dataset
+from synthetic_h5 import tiny_config
 
 CODE = Path(__file__).resolve().parents[2] / "code"
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("brats")
-    write_synthetic_h5_dataset(root, n_cases=7, shape=(36, 36, 34), seed=3, n_val=1, n_test=1)
-    return root
-
-
-def tiny_config(root: Path, **overrides) -> TrainConfig:
-    options = {k: overrides.pop(k) for k in ("fast_network", "keep_freed_memory", "compile") if k in overrides}
-    cfg = TrainConfig(
-        root_path=str(root), exp="tiny", labeled_num=2, patch_size=(32, 32, 32), feature_scale=16,
-        max_iterations=4, batch_size=2, labeled_bs=1, mc_passes=3, val_interval=2, save_interval=2,
-        num_workers=0, device="cpu", stride_xy=16, stride_z=16, speed=SpeedOptions(**options),
-    )
-    return replace(cfg, **overrides)
 
 
 def with_speed(cfg: TrainConfig, **options) -> TrainConfig:
