@@ -58,6 +58,8 @@ class DatasetLayout:
             one (e.g. ``{"unet_3D_dt": "vnet_dt"}``: the V-Net backbone of the LA papers).
         source: where the defaults come from.
         spacing: the voxel size in mm of case files that store no geometry (None: 1 mm, the BraTS grid).
+        prepare: how to get the data into this layout, for the error message of a missing folder or list;
+            ``{root}`` is replaced by the folder.
     """
 
     name: str
@@ -67,6 +69,8 @@ class DatasetLayout:
     models: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
     spacing: tuple[float, float, float] | None = None
+    prepare: str = ("prepare the data with `python preprocess_brats2019.py --raw_dir RAW --out_dir {root}` (see "
+                    "data/README.md) or run the synthetic demo with `make demo`")
 
     def split_path(self, root: PathLike, split: str, split_dir: PathLike | None = None) -> Path:
         """The list file of ``split`` in ``split_dir`` (default ``root``); ``<split>.txt`` for a split the layout
@@ -94,6 +98,7 @@ DATASETS: dict[str, DatasetLayout] = {
         defaults={"exp": "Dataset_UGMCL", "labeled_num": 8, "patch_size": (96, 96, 96), "max_iterations": 30000,
                   "lr_schedule": "constant"},
         source="the BraTS2019 settings; a folder written by prepare_dataset.py (nnU-Net v2 or MSD raw data)",
+        prepare="prepare it with `python prepare_dataset.py --raw_dir RAW --out_dir {root}` (nnU-Net v2 or MSD raw data)",
     ),
     "la": DatasetLayout(
         "la", _LIST_SPLITS, "2018LA_Seg_Training Set/{name}/mri_norm2.h5",
@@ -104,6 +109,8 @@ DATASETS: dict[str, DatasetLayout] = {
         source="UA-MT / DTC / UG-MCL on LA: V-Net, 112x112x80, 6000 iterations, lr 0.01 x0.1 every 2500, "
                "batch 4 (2 labelled), sliding window stride 18 (x, y) / 4 (z)",
         spacing=(0.625, 0.625, 0.625),
+        prepare=("put the UA-MT LA tree there ({root}/2018LA_Seg_Training Set/<ID>/mri_norm2.h5 with train.list and "
+                 "test.list; see data/README.md)"),
     ),
     "pancreas": DatasetLayout(
         "pancreas", _LIST_SPLITS, "Pancreas_h5/{name}_norm.h5",
@@ -113,6 +120,7 @@ DATASETS: dict[str, DatasetLayout] = {
         models={"unet_3D_dt": "vnet_dt"},
         source="MC-Net on Pancreas-CT (62 training / 20 test cases): V-Net, 96^3, sliding window stride 16; "
                "12 labelled = 20 %",
+        prepare="prepare it with `python prepare_pancreas.py --image_dir IMAGES --label_dir LABELS --out_dir {root}`",
     ),
     "coranet": DatasetLayout(
         "coranet", _CORANET_SPLITS, "{name}",
@@ -123,6 +131,7 @@ DATASETS: dict[str, DatasetLayout] = {
         source="the pancreas settings (MC-Net: V-Net, 96^3, stride 16, 12 labelled); files and lists as CoraNet "
                "writes them (preprocess/pancreas_preprocess.py, dataset/pancreas.py): a list line such as 0001.h5 is "
                "the case file under the root; --labeled_num should be the length of train_lab.txt",
+        prepare="put CoraNet's h5 files there and its lists (train_lab.txt, train_unlab.txt, test.txt) in --split_dir",
     ),
 }
 """``--dataset`` name -> :class:`DatasetLayout`."""

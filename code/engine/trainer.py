@@ -87,8 +87,7 @@ def _read_split(cfg: TrainConfig, split: str, required: bool) -> list[str]:
     if not path.is_file():
         if not required:
             return []
-        hint = ("prepare the data with `python preprocess_brats2019.py --raw_dir RAW --out_dir "
-                f"{cfg.root_path}` (see data/README.md) or run the synthetic demo with `make demo`")
+        hint = dataset_layout(cfg.dataset).prepare.format(root=cfg.root_path)
         raise TrainingError(f"split list {path} not found for --dataset {cfg.dataset}: {hint}")
     try:
         return read_split_file(path)
@@ -103,12 +102,10 @@ def check_data(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     labelled training cases and the validation cases, a ``label`` of the same shape; no case is in two lists.
     """
     root = Path(str(cfg.root_path))
-    if not root.is_dir():
-        raise TrainingError(
-            f"data folder {root} not found: prepare BraTS2019 with `python preprocess_brats2019.py --raw_dir RAW "
-            f"--out_dir {root}` (see data/README.md) or run the synthetic demo with `make demo`"
-        )
     layout = dataset_layout(cfg.dataset)
+    if not root.is_dir():
+        raise TrainingError(f"data folder {root} not found for --dataset {cfg.dataset}: "
+                            + layout.prepare.format(root=root))
     train_cases = _read_split(cfg, "train", required=True)
     unlabeled = _read_split(cfg, "unlabeled", required=False)
     val_cases = _read_split(cfg, "val", required=False)
