@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import speed
-from dataloaders.preprocess import MODALITIES, nonzero_bbox, normalise_intensity
+from dataloaders.preprocess import MODALITIES, nonzero_bbox, normalise_intensity, resample_to_shape
 from engine.evaluate import keep_largest_component
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case, window_from_args
 from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
@@ -286,23 +286,6 @@ def _apply_orientation(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, tuple(range(-lead, 0)), tuple(range(lead))))
 
 
-def _resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """Resample the last three axes to ``shape``, voxel edges aligned (``scipy.ndimage.zoom(grid_mode=True)``)."""
-    from scipy import ndimage
-
-    shape = tuple(int(s) for s in shape)
-    if tuple(array.shape[-3:]) == shape:
-        return array
-    factors = (1.0,) * (array.ndim - 3) + tuple(n / o for n, o in zip(shape, array.shape[-3:]))
-    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
-    if tuple(out.shape[-3:]) != shape:
-        raise RuntimeError(f"resampling gave shape {out.shape[-3:]}, expected {shape}")
-    return out
-
-
-# --------------------------------------------------------------------------------------------- prediction
-
-
 def segment_volume(
     net: nn.Module,
     data: np.ndarray,
@@ -357,14 +340,14 @@ def segment_volume(
     resample = spacing is not None and not np.allclose(voxel_size, spacing, rtol=_SPACING_RTOL, atol=0)
     if resample:
         grid_shape = tuple(max(1, round(n * s / spacing)) for n, s in zip(cropped_shape, voxel_size))
-        image = _resize(image, grid_shape, order=1).astype(np.float32)
+        image = resample_to_shape(image, grid_shape, order=1).astype(np.float32)
 
     labels, uncertainty, probabilities = predict_case(net, image, window, device)
     if resample:
-        probabilities = _resize(probabilities, cropped_shape, order=1)
+        probabilities = resample_to_shape(probabilities, cropped_shape, order=1)
         labels = np.argmax(probabilities, axis=0).astype(np.uint8)
         if uncertainty is not None:
-            uncertainty = _resize(uncertainty, cropped_shape, order=1)
+            uncertainty = resample_to_shape(uncertainty, cropped_shape, order=1)
     if lcc:
         labels = keep_largest_component(labels)
 

@@ -56,8 +56,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from dataloaders.preprocess import CaseError, OutputError, nonzero_bbox, write_case_h5
-from dataloaders.raw_datasets import resample_to_shape, run_in_workers
+from dataloaders.preprocess import CaseError, OutputError, nonzero_bbox, resample_to_shape, write_case_h5
+from dataloaders.raw_datasets import run_in_workers
 from utils.atomic import atomic_write_text, is_no_space_error, remove_stale_parts
 from utils.cli import run_writing_into
 

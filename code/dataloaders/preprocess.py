@@ -53,6 +53,7 @@ import numpy as np
 from utils.atomic import atomic_path, atomic_write_bytes, atomic_write_text, is_no_space_error
 
 __all__ = [
+    "resample_to_shape",
     "BRATS_LABELS",
     "LABEL_MODES",
     "MODALITIES",
@@ -381,8 +382,16 @@ def make_label(seg: np.ndarray, label_mode: LabelMode = "wt") -> np.ndarray:
     raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
 
 
-def _resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """Resize the last three axes to ``shape`` (voxel edges aligned: ``scipy.ndimage.zoom(grid_mode=True)``)."""
+def resample_to_shape(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resize the last three axes to ``shape``, voxel edges aligned (``scipy.ndimage.zoom(grid_mode=True)``).
+
+    Args:
+        array: (D, H, W) or (C, D, H, W).
+        shape: target spatial shape.
+        order: spline order: 0 (nearest, labels), 1 (linear, images), 3 (cubic B-spline).
+    Returns:
+        a new array (a copy when the shape is already ``shape``).
+    """
     from scipy import ndimage
 
     shape = tuple(int(s) for s in shape)
@@ -456,8 +465,8 @@ def preprocess_case(
     stored_spacing_in = tuple(float(spacing_in[p]) for p in perm)
     if options.spacing is not None:
         shape = tuple(max(1, round(n * s / options.spacing)) for n, s in zip(cropped_shape, stored_spacing_in))
-        image = _resize(image, shape, order=1).astype(np.float32)
-        label = _resize(label, shape, order=0).astype(np.uint8)
+        image = resample_to_shape(image, shape, order=1).astype(np.float32)
+        label = resample_to_shape(label, shape, order=0).astype(np.uint8)
     stored_affine = _stored_affine(affine, bbox, perm, cropped_shape, image.shape[-3:])
     attrs = _case_attrs(name, options, paths, seg.shape, affine, spacing_in, bbox, image.shape[-3:], stored_affine)
     return np.ascontiguousarray(image), np.ascontiguousarray(label), attrs
@@ -632,7 +641,7 @@ def restore_to_original(pred: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarra
     perm = (0, 1, 2) if axis_order == "xyz" else (2, 1, 0)
     box_shape = [b - a for a, b in zip(start, stop)]
     stored_box_shape = [box_shape[p] for p in perm]
-    cropped = _resize(pred, stored_box_shape, order=0)
+    cropped = resample_to_shape(pred, stored_box_shape, order=0)
     cropped = _permute_spatial(cropped, perm)  # the permutation is its own inverse
     out = np.zeros(pred.shape[:-3] + original_shape, dtype=pred.dtype)
     out[(..., *(slice(a, b) for a, b in zip(start, stop)))] = cropped

@@ -20,7 +20,7 @@ Per case (:func:`prepare_case`): read and check every file; optionally crop to t
 (``crop=True``); normalise each channel (:func:`zscore_foreground`, or :func:`ct_normalise` with dataset-wide
 statistics from :func:`ct_intensity_properties`, or not at all); remap the label values to ``0 .. K-1`` in the
 order of ``dataset.json``'s ``labels`` (:func:`remap_labels`); optionally resample to an isotropic spacing
-(:func:`resample_to_shape`: linear for images, nearest for labels). :func:`write_prepared_case` writes the file
+(``dataloaders.preprocess.resample_to_shape``: linear for images, nearest for labels). :func:`write_prepared_case` writes the file
 atomically.
 
 Arrays keep the NIfTI's own voxel order ``(x, y, z)``, stored as ``(D, H, W)`` (``(C, D, H, W)`` for several
@@ -49,7 +49,7 @@ from typing import Any, Callable, Literal, NamedTuple, Tuple, TypeVar, Union
 import h5py
 import numpy as np
 
-from dataloaders.preprocess import BBox, CaseError, OutputError, nonzero_bbox, write_case_h5
+from dataloaders.preprocess import BBox, CaseError, OutputError, nonzero_bbox, resample_to_shape, write_case_h5
 from utils.atomic import atomic_write_bytes, is_no_space_error
 from utils.process import exit_with_parent
 
@@ -70,7 +70,6 @@ __all__ = [
     "prepare_case_to_h5",
     "read_raw_dataset",
     "remap_labels",
-    "resample_to_shape",
     "run_in_workers",
     "stored_affine",
     "try_prepare_case",
@@ -604,26 +603,6 @@ def remap_labels(label: np.ndarray, labels: LabelSpec) -> tuple[np.ndarray, list
         else:
             unknown.append(value)
     return table[inverse.reshape(label.shape)], unknown
-
-
-def resample_to_shape(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """Resize the last three axes to ``shape``, voxel edges aligned (``scipy.ndimage.zoom(grid_mode=True)``).
-
-    Args:
-        array: (D, H, W) or (C, D, H, W).
-        shape: target spatial shape.
-        order: spline order: 0 (nearest, labels), 1 (linear, images), 3 (cubic B-spline).
-    """
-    from scipy import ndimage
-
-    shape = tuple(int(s) for s in shape)
-    if tuple(array.shape[-3:]) == shape:
-        return array.copy()
-    factors = (1.0,) * (array.ndim - 3) + tuple(out / old for out, old in zip(shape, array.shape[-3:]))
-    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
-    if tuple(out.shape[-3:]) != shape:  # scipy rounds in * (out / in); guard anyway
-        raise RuntimeError(f"resampling gave shape {out.shape[-3:]}, expected {shape}")
-    return out
 
 
 def stored_affine(

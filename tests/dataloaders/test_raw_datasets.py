@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dataloaders.preprocess import CaseError
+from dataloaders.preprocess import CaseError, resample_to_shape
 from dataloaders.raw_datasets import (
     PrepareOptions,
     RawDatasetError,
@@ -17,7 +17,6 @@ from dataloaders.raw_datasets import (
     prepare_case,
     read_raw_dataset,
     remap_labels,
-    resample_to_shape,
     stored_affine,
     write_prepared_case,
     zscore_foreground,

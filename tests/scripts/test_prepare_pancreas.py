@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_pancreas
-from dataloaders.preprocess import nonzero_bbox
-from dataloaders.raw_datasets import resample_to_shape
+from dataloaders.preprocess import nonzero_bbox, resample_to_shape
 from prepare_pancreas import MCNET_TEST, MCNET_TRAIN, crop_box, pad_to_min_size, split_mcnet, split_train_test
 
 # 0.8 x 0.8 x 2 mm voxels: 1 mm resampling gives (160, 152, 100)
