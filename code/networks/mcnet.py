@@ -33,11 +33,12 @@ from networks.conv import Conv3d
 from networks.input_checks import check_volume
 from networks.vnet import (
     ConvBlock,
-    DownsamplingConvBlock,
     Normalization,
     UpsamplingDeconvBlock,
     _norm,  # the V-Net's normalisation layer, shared so the two families cannot drift apart
+    add_encoder_stages,
     check_vnet_options,
+    encode_stages,
 )
 
 __all__ = ["MCNet3d_v2", "UPSAMPLINGS", "Upsampling", "UpsamplingInterpolationBlock", "VNetDecoder", "VNetEncoder"]
@@ -90,23 +91,11 @@ class VNetEncoder(nn.Module):
         super().__init__()
         n, norm = n_filters, normalization
         self.has_dropout = has_dropout
-        self.block_one = ConvBlock(1, n_channels, n, norm)
-        self.block_one_dw = DownsamplingConvBlock(n, 2 * n, normalization=norm)
-        self.block_two = ConvBlock(2, 2 * n, 2 * n, norm)
-        self.block_two_dw = DownsamplingConvBlock(2 * n, 4 * n, normalization=norm)
-        self.block_three = ConvBlock(3, 4 * n, 4 * n, norm)
-        self.block_three_dw = DownsamplingConvBlock(4 * n, 8 * n, normalization=norm)
-        self.block_four = ConvBlock(3, 8 * n, 8 * n, norm)
-        self.block_four_dw = DownsamplingConvBlock(8 * n, 16 * n, normalization=norm)
-        self.block_five = ConvBlock(3, 16 * n, 16 * n, norm)
+        add_encoder_stages(self, n_channels, n, norm)
         self.dropout = nn.Dropout3d(p=0.5)
 
     def forward(self, x: Tensor, turnoff_drop: bool = False) -> list[Tensor]:
-        x1 = self.block_one(x)
-        x2 = self.block_two(self.block_one_dw(x1))
-        x3 = self.block_three(self.block_two_dw(x2))
-        x4 = self.block_four(self.block_three_dw(x3))
-        x5 = self.block_five(self.block_four_dw(x4))
+        x1, x2, x3, x4, x5 = encode_stages(self, x)
         if self.has_dropout and not turnoff_drop:
             x5 = self.dropout(x5)
         return [x1, x2, x3, x4, x5]

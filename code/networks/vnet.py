@@ -104,6 +104,32 @@ def check_vnet_options(normalization: str, n_filters: int) -> None:
         raise ValueError(f"n_filters must be a positive integer, got {n_filters!r}")
 
 
+def add_encoder_stages(module: nn.Module, n_channels: int, n: int, norm: str) -> None:
+    """Register the V-Net encoder on ``module``: ``block_one`` .. ``block_five`` (1, 2, 3, 3, 3 convs with n .. 16n
+    channels) and the k2 s2 downsamplings ``block_one_dw`` .. ``block_four_dw``, in the published order (so the
+    keys and the seeded initial weights are the released ones)."""
+    module.block_one = ConvBlock(1, n_channels, n, norm)
+    module.block_one_dw = DownsamplingConvBlock(n, 2 * n, normalization=norm)
+    module.block_two = ConvBlock(2, 2 * n, 2 * n, norm)
+    module.block_two_dw = DownsamplingConvBlock(2 * n, 4 * n, normalization=norm)
+    module.block_three = ConvBlock(3, 4 * n, 4 * n, norm)
+    module.block_three_dw = DownsamplingConvBlock(4 * n, 8 * n, normalization=norm)
+    module.block_four = ConvBlock(3, 8 * n, 8 * n, norm)
+    module.block_four_dw = DownsamplingConvBlock(8 * n, 16 * n, normalization=norm)
+    module.block_five = ConvBlock(3, 16 * n, 16 * n, norm)
+
+
+def encode_stages(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five stage outputs of the encoder that :func:`add_encoder_stages` registered on ``module``, full
+    resolution first: (B, n 2^k, D / 2^k, H / 2^k, W / 2^k) for k = 0 .. 4 (no dropout)."""
+    x1 = module.block_one(x)
+    x2 = module.block_two(module.block_one_dw(x1))
+    x3 = module.block_three(module.block_two_dw(x2))
+    x4 = module.block_four(module.block_three_dw(x3))
+    x5 = module.block_five(module.block_four_dw(x4))
+    return x1, x2, x3, x4, x5
+
+
 class _VNetTrunk(nn.Module):
     """Encoder-decoder shared by :class:`VNet` and :class:`VNet_dt`; ``_features`` gives the last decoder map.
 
@@ -125,15 +151,7 @@ class _VNetTrunk(nn.Module):
         self.normalization = normalization
         n, norm = n_filters, normalization
 
-        self.block_one = ConvBlock(1, n_channels, n, norm)
-        self.block_one_dw = DownsamplingConvBlock(n, 2 * n, normalization=norm)
-        self.block_two = ConvBlock(2, 2 * n, 2 * n, norm)
-        self.block_two_dw = DownsamplingConvBlock(2 * n, 4 * n, normalization=norm)
-        self.block_three = ConvBlock(3, 4 * n, 4 * n, norm)
-        self.block_three_dw = DownsamplingConvBlock(4 * n, 8 * n, normalization=norm)
-        self.block_four = ConvBlock(3, 8 * n, 8 * n, norm)
-        self.block_four_dw = DownsamplingConvBlock(8 * n, 16 * n, normalization=norm)
-        self.block_five = ConvBlock(3, 16 * n, 16 * n, norm)
+        add_encoder_stages(self, n_channels, n, norm)
         self.block_five_up = UpsamplingDeconvBlock(16 * n, 8 * n, normalization=norm)
 
         self.block_six = ConvBlock(3, 8 * n, 8 * n, norm)
@@ -154,11 +172,7 @@ class _VNetTrunk(nn.Module):
         """(B, n_channels, D, H, W) -> last decoder features (B, n_filters, D, H, W)."""
         check_volume(x, self.n_channels, type(self).__name__, self.normalization == "instancenorm")
         drop = self.has_dropout and not turnoff_drop
-        x1 = self.block_one(x)
-        x2 = self.block_two(self.block_one_dw(x1))
-        x3 = self.block_three(self.block_two_dw(x2))
-        x4 = self.block_four(self.block_three_dw(x3))
-        x5 = self.block_five(self.block_four_dw(x4))
+        x1, x2, x3, x4, x5 = encode_stages(self, x)
         if drop:
             x5 = self.dropout(x5)
         x6 = self.block_six(self.block_five_up(x5) + x4)
