@@ -25,10 +25,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
-
 import speed
 from dataloaders.brats2019 import CaseDataset
+from dataloaders.case_checks import image_channels
 from dataloaders.datasets import DATASETS
 from engine.config import described_classes
 from engine.evaluate import CaseFileError, Outputs, evaluate, format_summary_table
@@ -101,9 +100,7 @@ def _fill_dataset_defaults(args: argparse.Namespace) -> None:
         first = CaseDataset(args.root_path, args.split, layout=layout, split_dir=args.split_dir).image_list[:1]
         if not first:
             raise ValueError(f"{layout.split_path(args.root_path, args.split, args.split_dir)} lists no case")
-        with h5py.File(layout.case_path(args.root_path, first[0]), "r") as f:
-            shape = f["image"].shape
-        args.in_channels = shape[0] if len(shape) == 4 else 1
+        args.in_channels = image_channels(layout.case_path(args.root_path, first[0]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Union
 
 import h5py
 
-__all__ = ["CaseFileError", "SplitCheckError", "check_case_file", "check_split_cases"]
+__all__ = ["CaseFileError", "SplitCheckError", "check_case_file", "check_split_cases", "image_channels"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -141,6 +141,13 @@ def check_split_cases(
             f"{len(bad)} of {len(lists_of)} listed case file(s) under {root} are missing or bad: {_first_few(bad)}",
             bad,
         )
+
+
+def image_channels(path: PathLike) -> int:
+    """The channels of a case file's ``image``: C of a (C, D, H, W) image, 1 of a (D, H, W) one."""
+    with h5py.File(path, "r") as f:
+        shape = f["image"].shape
+    return int(shape[0]) if len(shape) == 4 else 1
 
 
 def _first_few(items: Sequence[str]) -> str:

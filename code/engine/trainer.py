@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from torch import nn
 
 from dataloaders.brats2019 import read_split_file
-from dataloaders.case_checks import check_split_cases
+from dataloaders.case_checks import check_split_cases, image_channels
 from dataloaders.datasets import dataset_layout
 from engine.batches import make_batches
 from engine.config import ConfigError, TrainConfig, TrainingError, check_config, described_classes
@@ -137,15 +136,13 @@ def _check_classes(cfg: TrainConfig, description: Path) -> None:
 
 def _check_channels(cfg: TrainConfig, first_case: Path) -> None:
     """Set ``cfg.in_channels`` to the channels of the data's images when it is None, or refuse a value that differs."""
-    with h5py.File(first_case, "r") as f:
-        shape = f["image"].shape
-    channels = shape[0] if len(shape) == 4 else 1
+    channels = image_channels(first_case)
     if cfg.in_channels is None:
         cfg.in_channels = channels
         cfg.chosen.append(f"--in_channels {channels} (the channels of {first_case.name})")
     elif cfg.in_channels != channels:
         raise TrainingError(f"--in_channels {cfg.in_channels} does not fit the data: {first_case} holds images of "
-                            f"{channels} channel(s), shape {tuple(shape)}")
+                            f"{channels} channel(s)")
 
 
 def build_network(cfg: TrainConfig) -> nn.Module:
