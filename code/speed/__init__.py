@@ -121,15 +121,23 @@ class TrainingSpeed:
 
     def around_validation(self) -> AbstractContextManager[Any]:
         """A context manager for a validation (memory kept during it with ``keep_freed_memory`` 2 on CPU)."""
-        if self.device.type == "cpu" and self.options.keep_freed_memory == 2:
-            return keeping_freed_memory()
-        return contextlib.nullcontext()
+        return _around_repeated_passes(self.options, self.device)
 
     def compile(self, nets: list[nn.Module]) -> None:
         """``torch.compile`` the method's networks (student and teacher) when asked for."""
         if self.options.compile:
             compile_networks(*nets)
             self.notes.append(f"torch.compile ({compile_support.COMPILE_BACKEND}): {len(nets)} network(s) compile on first use")
+
+
+def _keeps_memory_around_passes(options: SpeedOptions, device: torch.device) -> bool:
+    """``--keep_freed_memory 2`` on CPU: glibc keeps freed memory while the repeated passes run."""
+    return device.type == "cpu" and options.keep_freed_memory == 2
+
+
+def _around_repeated_passes(options: SpeedOptions, device: torch.device) -> AbstractContextManager[Any]:
+    """``speed.allocator.keeping_freed_memory()`` where :func:`_keeps_memory_around_passes`, else a no-op."""
+    return keeping_freed_memory() if _keeps_memory_around_passes(options, device) else contextlib.nullcontext()
 
 
 def _keep_memory_throughout(options: SpeedOptions, device: torch.device, notes: list[str]) -> None:
@@ -160,7 +168,7 @@ def prepare_training(student: nn.Module, options: SpeedOptions, device: torch.de
     elif options.fast_network:
         notes.append(f"--fast_network ignored on {device.type}: the plain network is faster there")
     _keep_memory_throughout(options, device, notes)
-    keep_around_teacher = device.type == "cpu" and options.keep_freed_memory == 2
+    keep_around_teacher = _keeps_memory_around_passes(options, device)
     if keep_around_teacher:
         notes.append("glibc keeps freed memory during the teacher's passes and the validations")
     return TrainingSpeed(options, device, PredrawnPasses(keep_around_teacher), notes)
@@ -177,9 +185,7 @@ class InferenceSpeed:
 
     def around_case(self) -> AbstractContextManager[Any]:
         """A context manager for one case's prediction (memory kept during it with ``keep_freed_memory`` 2 on CPU)."""
-        if self.device.type == "cpu" and self.options.keep_freed_memory == 2:
-            return keeping_freed_memory()
-        return contextlib.nullcontext()
+        return _around_repeated_passes(self.options, self.device)
 
 
 def prepare_inference(net: nn.Module, options: SpeedOptions, device: torch.device | str) -> InferenceSpeed:
