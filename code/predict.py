@@ -51,7 +51,7 @@ import speed
 from dataloaders.preprocess import MODALITIES, nonzero_bbox, normalise_intensity, resample_to_shape
 from engine.evaluate import keep_largest_component
 from engine.prediction import SlidingWindow, add_prediction_arguments, predict_case, window_from_args
-from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d, width_kwargs
 from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (
     PUBLISHED_CHECKPOINTS,
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--uncertainty", default=None, help="also write the MC-dropout uncertainty here (float32)")
     parser.add_argument("--mc_passes", type=int, default=8, help="MC-dropout passes for --uncertainty")
     parser.add_argument("--model", default="unet_3D_dt", choices=sorted(NETWORKS_3D), help="network name")
-    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
+    parser.add_argument("--feature_scale", type=int, default=4, help="network width divisor, as in training (published: 4)")
     parser.add_argument("--num_classes", type=int, default=2, help="output classes")
     parser.add_argument("--spacing", type=float, default=1.0, help="grid (mm) the network runs on; 0 = keep input's")
     add_prediction_arguments(parser)
@@ -477,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint = Path(args.checkpoint)
         device = get_device(args.device)
         window = dataclasses.replace(window_from_args(args), mc_passes=args.mc_passes if args.uncertainty else 0)
-        kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
-        net = net_factory_3d(args.model, in_chns=len(args.modalities), class_num=args.num_classes, **kwargs)
+        net = net_factory_3d(args.model, in_chns=len(args.modalities), class_num=args.num_classes,
+                             **width_kwargs(args.model, args.feature_scale))
         _load_weights_for(net, checkpoint, args.modalities)
         fast = speed.prepare_inference(net, speed.options_from_args(args), device)
         with fast.around_case():

@@ -32,7 +32,7 @@ from dataloaders.datasets import DATASETS
 from engine.config import described_classes
 from engine.evaluate import CaseFileError, Outputs, evaluate, format_summary_table
 from engine.prediction import add_prediction_arguments, window_from_args
-from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d, width_kwargs
 from utils.checkpoint import CheckpointError, CheckpointNotFoundError, git_blob_id, load_weights
 from utils.device import get_device
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default=None, help="output folder; default <model_dir>/<exp>/<model>_predictions")
     parser.add_argument("--native", action="store_true", help="also write the prediction in the original scan space")
     parser.add_argument("--metric_backend", choices=("ours", "medpy"), default="ours", help="surface-distance code")
-    parser.add_argument("--feature_scale", type=int, default=4, help="U-Net filter divisor (published: 4)")
+    parser.add_argument("--feature_scale", type=int, default=4, help="network width divisor, as in training (published: 4)")
     parser.add_argument("--num_classes", type=int, default=None,
                         help="output classes (default: those of <root>/dataset.json when prepare_dataset.py wrote it, else 2)")
     parser.add_argument("--in_channels", type=int, default=None, help="input channels (default: the data's)")
@@ -112,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = get_device(args.device)
         _fill_dataset_defaults(args)
         window = window_from_args(args)
-        kwargs = {"feature_scale": args.feature_scale} if args.model.startswith("unet") else {}
-        net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes, **kwargs)
+        net = net_factory_3d(args.model, in_chns=args.in_channels, class_num=args.num_classes,
+                             **width_kwargs(args.model, args.feature_scale))
         load_weights(net, checkpoint, map_location="cpu")
         fast = speed.prepare_inference(net, speed.options_from_args(args), device)
         for note in fast.notes:

@@ -81,7 +81,7 @@ def _data_and_model_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> Non
                    help="input channels (default: those of the data, e.g. 4 after preprocessing with 4 --modalities)")
     g.add_argument("--num_classes", type=int, default=None,
                    help="output classes (default: those of <root>/dataset.json when prepare_dataset.py wrote it, else 2)")
-    g.add_argument("--feature_scale", type=int, default=d.feature_scale, help="U-Net width divisor (4 = published)")
+    g.add_argument("--feature_scale", type=int, default=d.feature_scale, help="network width divisor: U-Nets 64 // N first-stage channels, V-Nets n_filters = 64 // N (4 = published)")
 
 
 def _optimisation_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:

@@ -1,32 +1,34 @@
-"""A CPU-sized study on the 32 real BraTS2018 sample cases: a few methods, a few seeds, mean ± std.
+"""CPU protocols on the real sample cases: a few methods, a few seeds, mean ± std and a paired test.
 
-    python scripts/mini_study.py --dry-run                 # print the commands, run nothing
-    python scripts/mini_study.py                           # the whole study (hours on a laptop CPU)
-    python scripts/mini_study.py --prepare_only            # split lists and preprocessing only
+    python scripts/mini_study.py --preset brats              # the BraTS protocol (32 cases of ../shared)
+    python scripts/mini_study.py --preset la                 # the Left Atrium protocol (32 cases of ../shared)
+    python scripts/mini_study.py --preset la --dry-run       # print the commands, run nothing
+    python scripts/mini_study.py --preset brats --resume     # continue a study that was cut off
 
-Steps, all inside ``--work_dir`` (default ``runs/mini_study`` of the repository, git-ignored):
+A preset (:data:`PRESETS`) names a dataset, its raw folder and every option of the protocol; any option given on
+the command line overrides the preset's value (``--seeds 1``, ``--methods supervised ugmcl`` ...). Steps, all
+inside ``--work_dir`` (default ``runs/mini_study_<preset>`` of the repository, git-ignored):
 
-1. Split lists ``preprocessed/{train,val,test}.txt``: the sorted case names of ``--raw_dir`` permuted with
-   ``numpy.random.default_rng(--split_seed)``, cut into ``--n_train`` / ``--n_val`` / ``--n_test`` (24 / 2 / 6 of the
-   32 samples); the labelled cases are the first ``--labeled_num`` (4) lines of ``train.txt``. They are written
-   *before* preprocessing, so ``preprocess_brats2019.py`` uses them instead of making its own.
-2. ``code/preprocess_brats2019.py``: FLAIR, whole tumour, resampled to ``--spacing`` mm (2: an 8x smaller volume),
-   into ``preprocessed/data/<case>.h5``.
-3. For every method and seed: the method's training script with a CPU-sized configuration (small patches, a
-   narrower U-Net, fewer MC passes and iterations) and the method's published learning rate (UG-MCL 0.01 constant,
-   the SSL4MIS baselines 0.1 poly), then ``code/test_3D_dt.py`` on ``test.txt``; run folders in ``model/``, named
-   as in ``reproduce_brats2019.py`` (``<exp>_seed<seed>_<labelled>``).
-4. ``results.md`` and ``results.json``: mean ± std over seeds per method, one row per seed, and the configuration
-   (every option, git commit, torch version, CPU, wall times).
+1. Split lists in ``preprocessed/``: the sorted case names permuted with ``numpy.random.default_rng(--split_seed)``,
+   cut into ``--n_train`` / ``--n_val`` / ``--n_test``; the labelled cases are the first ``--labeled_num`` lines
+   of the train list, the rest of it is unlabelled. The test cases are never seen in training or model selection.
+2. The cases at ``--spacing`` mm: BraTS through ``code/preprocess_brats2019.py`` (FLAIR, whole tumour, brain crop);
+   LA by resampling the UA-MT ``mri_norm2.h5`` files (0.625 mm) into the same tree under ``preprocessed/``, each
+   with a ``spacing`` attribute so HD95 / ASD are in mm.
+3. For every method and seed: its training script with the protocol's options (one optimiser for every method,
+   so a difference is the method's, not its learning rate), then ``code/test_3D_dt.py`` on the test list, of the
+   best-validation and the last weights. Run folders in ``model/`` (``<exp>_seed<seed>_<labelled>``).
+4. ``results.md`` / ``results.json``: mean ± std over seeds per method, one row per seed, a paired test of every
+   method against supervised-only over the (seed, test case) pairs, and the configuration (every option, git
+   commit, torch version, CPU, wall times).
 
-With few iterations the released consistency ramp (w(t) = 0.1 * rampup(t // 150, 200), i.e. over 30,000
-iterations) would keep the unsupervised terms near zero for the whole run, so by default it is rescaled to end
-at ``--max_iterations`` (``--consistency_interval 1 --consistency_rampup <max_iterations>``, the same curve);
-``--no-scale_rampup`` keeps the released one.
+The consistency ramp is rescaled to end at ``--max_iterations`` (``--consistency_interval 1
+--consistency_rampup <max_iterations>``, the released sigmoid curve); ``--no-scale_rampup`` keeps the released
+30,000-iteration one. BCP pre-trains for ``--bcp_pretrain_fraction`` of the iterations.
 
-Resumable: finished runs (``summary.json`` present) are skipped, finished trainings only tested, preprocessing
-skips done cases. Each script runs as a subprocess in ``code/`` (a failing run does not stop the study; the exit
-status is then 1). The sample cases stay where they are: only derived h5 files are written, into ``--work_dir``.
+Resumable: finished runs (``summary.json`` present) are skipped, finished trainings only tested, prepared cases
+kept. Each script runs as a subprocess in ``code/`` (a failing run does not stop the study; the exit status is
+then 1). The sample cases stay where they are: only derived files are written, into ``--work_dir``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +51,73 @@ if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
 import reproduce_brats2019 as reproduce  # noqa: E402 - also puts code/ on sys.path
+import summarise_results  # noqa: E402
 
-from dataloaders.preprocess import find_cases  # noqa: E402
+from dataloaders.datasets import DATASETS  # noqa: E402
+from dataloaders.preprocess import find_cases, is_valid_h5, read_h5_attrs, resample_case_file  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 
-__all__ = ["SPLIT_NAMES", "build_parser", "main", "read_split_lists", "seeded_split", "write_split_lists"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "SPLIT_NAMES",
+    "build_parser",
+    "find_h5_cases",
+    "main",
+    "prepare_resampled",
+    "read_split_lists",
+    "seeded_split",
+    "write_split_lists",
+]
 
 REPO = reproduce.REPO
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_RAW_DIR = REPO.parent / "shared" / "data" / "brats2018_samples"
-DEFAULT_WORK_DIR = REPO / "runs" / "mini_study"
+SHARED_DATA = REPO.parent / "shared" / "data"
+LA_SOURCE_MM = 0.625  # voxel size of the UA-MT LA files
+FIXED_NETWORKS = {"mcnet_plus": "mcnet3d_v2", "urpc": "unet_3D_ds"}  # methods that need their own network
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named CPU protocol: the dataset, where its raw cases are, and the value of every study option.
+
+    Attributes:
+        name: the ``--preset`` name.
+        dataset: ``--dataset`` of the trainings and tests (``brats2019``, ``la``).
+        raw_dir: the raw cases (BraTS case folders; the UA-MT LA tree).
+        title: what the study is, for the report's heading.
+        options: study option -> value, the defaults of :func:`build_parser` under this preset.
+    """
+
+    name: str
+    dataset: str
+    raw_dir: Path
+    title: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_COMMON: dict[str, Any] = {
+    "n_train": 20, "n_val": 4, "n_test": 8, "labeled_num": 8, "split_seed": 1337,
+    "methods": ["supervised", "ugmcl"], "seeds": [1, 2, 3], "model": "vnet_dt", "feature_scale": 8,
+    "mc_passes": 4, "mc_chunk": 0, "batch_size": 4, "labeled_bs": 2, "base_lr": 0.05, "lr_schedule": "poly",
+    "val_interval": 50,
+}
+
+PRESETS: dict[str, Preset] = {
+    "brats": Preset(
+        "brats", "brats2019", SHARED_DATA / "brats2018_samples",
+        "BraTS FLAIR, whole tumour",
+        {**_COMMON, "spacing": 3.0, "max_iterations": 500, "patch_size": [48, 48, 48]},
+    ),
+    "la": Preset(
+        "la", "la", SHARED_DATA / "la2018_samples",
+        "Left Atrium 2018 (UA-MT files), left atrium",
+        {**_COMMON, "spacing": 1.25, "max_iterations": 500, "patch_size": [64, 64, 32]},
+    ),
+}
+"""``--preset`` -> :class:`Preset`. Both: 20 training cases (8 labelled, 12 unlabelled), 4 validation, 8 test;
+V-Net (``vnet_dt``) at half width (8 first-stage filters), batch 4 (2 labelled), T = 4 teacher passes, SGD lr 0.05
+with poly decay for every method, 500 iterations."""
 
 
 def seeded_split(case_names: Sequence[str], n_train: int, n_val: int, n_test: int, seed: int) -> dict[str, list[str]]:
@@ -89,27 +149,34 @@ def seeded_split(case_names: Sequence[str], n_train: int, n_val: int, n_test: in
     }
 
 
-def read_split_lists(out_dir: str | Path) -> dict[str, list[str]] | None:
-    """The lists ``<out_dir>/{train,val,test}.txt`` (blank lines and CRLF ignored), or None when none exists.
+def _list_files(out_dir: Path, dataset: str) -> dict[str, Path]:
+    layout = DATASETS[dataset]
+    return {split: layout.split_path(out_dir, split) for split in SPLIT_NAMES}
+
+
+def read_split_lists(out_dir: str | Path, dataset: str = "brats2019") -> dict[str, list[str]] | None:
+    """The train / val / test lists of ``dataset``'s layout in ``out_dir`` (``train.txt`` ...; LA: ``train.list``
+    ...; blank lines and CRLF ignored), or None when none exists.
 
     Raises:
         ValueError: if only some of the three exist.
     """
-    out = Path(out_dir)
-    files = {split: out / f"{split}.txt" for split in SPLIT_NAMES}
+    files = _list_files(Path(out_dir), dataset)
     present = [split for split, path in files.items() if path.is_file()]
     if not present:
         return None
     if len(present) != len(files):
-        raise ValueError(f"{out} holds {', '.join(f'{s}.txt' for s in present)} but not all of train/val/test.txt")
+        names = ", ".join(files[s].name for s in present)
+        raise ValueError(f"{out_dir} holds {names} but not all of the train/val/test lists")
     return {split: [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             for split, path in files.items()}
 
 
 def write_split_lists(
-    case_names: Sequence[str], out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int
+    case_names: Sequence[str], out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int,
+    dataset: str = "brats2019",
 ) -> dict[str, list[str]]:
-    """Write :func:`seeded_split` to ``<out_dir>/{train,val,test}.txt`` (atomically), or check the lists there.
+    """Write :func:`seeded_split` as ``dataset``'s lists in ``out_dir`` (atomically), or check the lists there.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``.
@@ -119,7 +186,7 @@ def write_split_lists(
             (another seed or other sizes: remove them or use another work folder).
     """
     splits = seeded_split(case_names, n_train, n_val, n_test, seed)
-    existing = read_split_lists(out_dir)
+    existing = read_split_lists(out_dir, dataset)
     if existing is not None:
         if existing != splits:
             sizes = "/".join(str(len(existing[s])) for s in SPLIT_NAMES)
@@ -128,48 +195,85 @@ def write_split_lists(
                 f"(seed {seed}, {n_train}/{n_val}/{n_test}); remove them or use another --work_dir"
             )
         return existing
-    for split in SPLIT_NAMES:
-        atomic_write_text(Path(out_dir) / f"{split}.txt", "".join(f"{name}\n" for name in splits[split]))
+    for split, path in _list_files(Path(out_dir), dataset).items():
+        atomic_write_text(path, "".join(f"{name}\n" for name in splits[split]))
     return splits
 
 
-def build_parser() -> argparse.ArgumentParser:
+def find_h5_cases(raw_dir: str | Path, dataset: str) -> list[str]:
+    """The sorted names of the cases of ``dataset``'s layout under ``raw_dir`` (e.g. the LA tree's folders that hold
+    ``mri_norm2.h5``).
+
+    Raises:
+        FileNotFoundError: if ``raw_dir`` is not a folder or holds no such case.
+    """
+    if not Path(raw_dir).is_dir():
+        raise FileNotFoundError(f"raw data folder {raw_dir} does not exist or is not a folder")
+    layout = DATASETS[dataset]
+    parts = Path(layout.case_pattern).parts
+    level = next(i for i, part in enumerate(parts) if "{name}" in part)
+    prefix, suffix = parts[level].split("{name}")
+    parent = Path(raw_dir).joinpath(*parts[:level])
+    entries = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+    names = [e[len(prefix): len(e) - len(suffix)] for e in entries
+             if e.startswith(prefix) and e.endswith(suffix) and len(e) > len(prefix) + len(suffix)]
+    names = [n for n in names if layout.case_path(raw_dir, n).is_file()]
+    if not names:
+        raise FileNotFoundError(f"{raw_dir} holds no case file {layout.case_pattern} ({dataset} layout)")
+    return names
+
+
+def prepare_resampled(raw_dir: Path, root: Path, dataset: str, names: Sequence[str], source_mm: float,
+                      spacing: float) -> int:
+    """Resample the case files ``names`` of ``raw_dir`` from ``source_mm`` to ``spacing`` mm into the same layout
+    under ``root``; a file already there at that spacing is kept. Returns how many were written."""
+    layout, written = DATASETS[dataset], 0
+    for name in names:
+        dst = layout.case_path(root, name)
+        if is_valid_h5(dst) and np.allclose(read_h5_attrs(dst).get("spacing", 0.0), spacing):
+            continue
+        resample_case_file(layout.case_path(raw_dir, name), dst, source_mm, spacing)
+        written += 1
+    return written
+
+
+def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
+    """The study's options; with ``preset``, its values are the defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="brats",
+                   help="the protocol whose values every option below defaults to (default: brats)")
     g = p.add_argument_group("data and split")
-    g.add_argument("--raw_dir", type=Path, default=DEFAULT_RAW_DIR,
-                   help="raw BraTS case folders (default: %(default)s)")
-    g.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help="all outputs: preprocessed/, model/, results.md (default: %(default)s)")
-    g.add_argument("--spacing", type=float, default=2.0, help="isotropic resampling in mm (default: 2)")
-    g.add_argument("--n_train", type=int, default=24, help="training cases (default: 24)")
-    g.add_argument("--n_val", type=int, default=2, help="validation cases (default: 2)")
-    g.add_argument("--n_test", type=int, default=6, help="test cases (default: 6)")
-    g.add_argument("--labeled_num", type=int, default=4, help="labelled cases = first N of train.txt (default: 4)")
-    g.add_argument("--split_seed", type=int, default=1337, help="seed of the split (default: 1337)")
-    g.add_argument("--preprocess_workers", type=int, default=1, help="preprocessing processes (default: 1)")
+    g.add_argument("--raw_dir", type=Path, default=None, help="raw cases (default: the preset's, in ../shared/data)")
+    g.add_argument("--work_dir", type=Path, default=None,
+                   help="all outputs: preprocessed/, model/, results.md (default: runs/mini_study_<preset>)")
+    g.add_argument("--spacing", type=float, help="isotropic voxel size in mm of the prepared cases")
+    g.add_argument("--n_train", type=int, help="training cases (labelled + unlabelled)")
+    g.add_argument("--n_val", type=int, help="validation cases (best-checkpoint selection)")
+    g.add_argument("--n_test", type=int, help="test cases")
+    g.add_argument("--labeled_num", type=int, help="labelled cases = the first N of the train list")
+    g.add_argument("--split_seed", type=int, help="seed of the split")
+    g.add_argument("--preprocess_workers", type=int, default=1, help="BraTS preprocessing processes (default: 1)")
     g = p.add_argument_group("runs")
-    g.add_argument("--methods", nargs="+", choices=reproduce.TABLE4_METHODS,
-                   default=["supervised", "uamt", "dtc", "ugmcl"], help="methods (default: supervised uamt dtc ugmcl)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds (default: 1 2)")
-    g.add_argument("--max_iterations", type=int, default=300, help="training iterations (default: 300)")
-    g.add_argument("--patch_size", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"),
-                   help="training patch and test window (default: 32 32 32)")
+    g.add_argument("--methods", nargs="+", choices=reproduce.TABLE4_METHODS, help="methods")
+    g.add_argument("--seeds", type=int, nargs="+", help="training seeds")
+    g.add_argument("--model", help="network of every method but MC-Net+ and URPC, which need their own; "
+                                   "'default' = each entry script's")
+    g.add_argument("--max_iterations", type=int, help="training iterations")
+    g.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch and test window")
     g.add_argument("--stride_xy", type=int, default=None, help="sliding-window stride, axes 0-1 (default: patch / 2)")
     g.add_argument("--stride_z", type=int, default=None, help="sliding-window stride, axis 2 (default: patch / 2)")
-    g.add_argument("--feature_scale", type=int, default=8, help="U-Net width divisor (default: 8; published 4)")
-    g.add_argument("--mc_passes", type=int, default=4,
-                   help="MC-dropout passes of UG-MCL/UA-MT (default: 4; published 8)")
-    g.add_argument("--mc_chunk", type=int, default=0, help="teacher passes per forward, 0 = all (default: 0)")
-    g.add_argument("--batch_size", type=int, default=4, help="patches per batch (default: 4)")
-    g.add_argument("--labeled_bs", type=int, default=2, help="labelled patches per batch (default: 2)")
-    g.add_argument("--val_interval", type=int, default=50,
-                   help="validate and checkpoint every N iterations (default: 50)")
-    g.add_argument("--dtc_model", default="vnet_dt", help="network of DTC (default: vnet_dt, its published one)")
-    g.add_argument("--baseline_lr", type=float, default=0.1, help="lr of the baselines (default: 0.1; UG-MCL 0.01)")
-    g.add_argument("--baseline_poly", action=argparse.BooleanOptionalAction, default=True,
-                   help="poly decay for the baselines (default: on; UG-MCL constant)")
+    g.add_argument("--feature_scale", type=int, help="network width divisor (4 = published; 8 = half width)")
+    g.add_argument("--mc_passes", type=int, help="MC-dropout passes of UG-MCL / UA-MT (published 8)")
+    g.add_argument("--mc_chunk", type=int, help="teacher passes per forward, 0 = all")
+    g.add_argument("--batch_size", type=int, help="patches per batch")
+    g.add_argument("--labeled_bs", type=int, help="labelled patches per batch")
+    g.add_argument("--val_interval", type=int, help="validate and checkpoint every N iterations")
+    g.add_argument("--base_lr", type=float, help="SGD learning rate of every method")
+    g.add_argument("--lr_schedule", choices=("constant", "poly", "step"), help="learning-rate schedule of every method")
     g.add_argument("--scale_rampup", action=argparse.BooleanOptionalAction, default=True,
                    help="consistency ramp over --max_iterations instead of 30,000 iterations (default: on)")
+    g.add_argument("--bcp_pretrain_fraction", type=float, default=0.2,
+                   help="BCP: share of the iterations spent in copy-paste pre-training (default: 0.2)")
     g.add_argument("--device", default="cpu", help="cpu, auto, cuda ... (default: cpu)")
     g.add_argument("--amp", action="store_true", help="mixed precision (default: off)")
     g.add_argument("--num_workers", type=int, default=1, help="data-loader workers per training (default: 1)")
@@ -177,10 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_args", default="", help="extra options for every test, one shell-quoted string")
     g = p.add_argument_group("control")
     g.add_argument("--resume", action="store_true", help="continue interrupted trainings (default: restart them)")
-    g.add_argument("--prepare_only", action="store_true", help="write the split lists and preprocess, then stop")
+    g.add_argument("--prepare_only", action="store_true", help="write the split lists and prepare the cases, then stop")
     g.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the commands (runnable from code/) and exit")
+    if preset is not None:
+        p.set_defaults(preset=preset.name, **preset.options)
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace, Preset]:
+    """Read ``--preset`` first, then every option with that preset's values as defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(PRESETS), default="brats")
+    preset = PRESETS[first.parse_known_args(argv)[0].preset]
+    parser = build_parser(preset)
+    args = parser.parse_args(argv)
+    args.raw_dir = args.raw_dir or preset.raw_dir
+    args.work_dir = args.work_dir or REPO / "runs" / f"mini_study_{preset.name}"
+    _check_args(parser, args)
+    return parser, args, preset
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -194,6 +313,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.spacing <= 0:
         parser.error(f"--spacing must be > 0 mm, got {args.spacing}")
+    if not 0.0 <= args.bcp_pretrain_fraction < 1.0:
+        parser.error(f"--bcp_pretrain_fraction must be in [0, 1), got {args.bcp_pretrain_fraction}")
 
 
 def _strides(args: argparse.Namespace) -> tuple[int, int]:
@@ -201,7 +322,14 @@ def _strides(args: argparse.Namespace) -> tuple[int, int]:
     return (args.stride_xy or max(1, min(args.patch_size[:2]) // 2), args.stride_z or max(1, args.patch_size[2] // 2))
 
 
-def _settings(args: argparse.Namespace, root: Path, model_dir: Path) -> reproduce.RunSettings:
+def _models(args: argparse.Namespace) -> dict[str, str]:
+    """``--model`` for every method that can train it; MC-Net+ and URPC keep their own networks."""
+    if args.model in (None, "default"):
+        return {}
+    return {m: FIXED_NETWORKS.get(m, args.model) for m in args.methods}
+
+
+def _settings(args: argparse.Namespace, preset: Preset, root: Path, model_dir: Path) -> reproduce.RunSettings:
     patch = [str(p) for p in args.patch_size]
     stride_xy, stride_z = (str(s) for s in _strides(args))
     train = [
@@ -211,38 +339,60 @@ def _settings(args: argparse.Namespace, root: Path, model_dir: Path) -> reproduc
         "--num_workers", str(args.num_workers),
         "--val_interval", str(args.val_interval), "--save_interval", str(args.val_interval),
         "--stride_xy", stride_xy, "--stride_z", stride_z,
+        "--base_lr", f"{args.base_lr:g}", "--lr_schedule", args.lr_schedule,
     ]
     if args.scale_rampup:
         train += ["--consistency_interval", "1", "--consistency_rampup", str(args.max_iterations)]
     test = ["--patch_size", *patch, "--stride_xy", stride_xy, "--stride_z", stride_z,
             "--feature_scale", str(args.feature_scale)]
+    method_args = {
+        "ugmcl": ("--variant", "paper") if _models(args).get("ugmcl", "").startswith("vnet") else (),
+        "bcp": ("--bcp_pretrain_iterations", str(int(args.bcp_pretrain_fraction * args.max_iterations))),
+    }
     return reproduce.RunSettings(
         root_path=root,
         model_dir=model_dir,
         max_iterations=args.max_iterations,
         device=args.device,
         amp=args.amp,
-        baseline_lr=args.baseline_lr,
-        baseline_poly=args.baseline_poly,
+        dataset=preset.dataset,
         resume=args.resume,
         train_args=(*train, *shlex.split(args.train_args)),
         test_args=(*test, *shlex.split(args.test_args)),
+        method_train_args=method_args,
     )
 
 
-def _preprocess_command(args: argparse.Namespace, raw_dir: Path, root: Path) -> list[str]:
+def _prepare_command(args: argparse.Namespace, raw_dir: Path, root: Path) -> list[str]:
     return ["preprocess_brats2019.py", "--raw_dir", str(raw_dir), "--out_dir", str(root),
             "--spacing", f"{args.spacing:g}", "--seed", str(args.split_seed),
             "--workers", str(args.preprocess_workers)]
 
 
-def _volume_shapes(root: Path, names: Sequence[str]) -> str:
-    """``min / median / max`` of the preprocessed volume sides, per axis."""
+def _case_names(preset: Preset, raw_dir: Path) -> list[str]:
+    if preset.dataset == "brats2019":
+        return [case.name for case in find_cases(raw_dir)]
+    return find_h5_cases(raw_dir, preset.dataset)
+
+
+def _prepare_cases(args: argparse.Namespace, preset: Preset, raw_dir: Path, root: Path, work: Path,
+                   listed: Sequence[str]) -> int:
+    """Write the listed cases at ``--spacing`` into ``root``; return 0, or the preprocessing's exit status."""
+    if preset.dataset == "brats2019":
+        return reproduce.run_command(_prepare_command(args, raw_dir, root), work / "logs" / "preprocess_console.log")
+    written = prepare_resampled(raw_dir, root, preset.dataset, listed, LA_SOURCE_MM, args.spacing)
+    reproduce.log(f"resampled {written} case(s) from {LA_SOURCE_MM:g} to {args.spacing:g} mm "
+                  f"({len(listed) - written} already there)")
+    return 0
+
+
+def _volume_shapes(root: Path, dataset: str, names: Sequence[str]) -> str:
+    """``min / median / max`` of the prepared volume sides, per axis."""
     import h5py
 
     shapes = []
     for name in names:
-        with h5py.File(root / "data" / f"{name}.h5", "r") as f:
+        with h5py.File(DATASETS[dataset].case_path(root, name), "r") as f:
             shapes.append(f["image"].shape[-3:])
     if not shapes:
         return "none"
@@ -252,65 +402,84 @@ def _volume_shapes(root: Path, names: Sequence[str]) -> str:
     ) + f" ({len(shapes)} cases; min / median / max voxels)"
 
 
+def _print_plan(args: argparse.Namespace, preset: Preset, runs: Sequence[reproduce.Run],
+                settings: reproduce.RunSettings, raw_dir: Path, root: Path) -> None:
+    prepare = (reproduce.format_command(_prepare_command(args, raw_dir, root)) if preset.dataset == "brats2019"
+               else f"# resample {raw_dir} ({LA_SOURCE_MM:g} mm) to {args.spacing:g} mm into {root}")
+    reproduce.print_plan(
+        [] if args.prepare_only else runs,
+        settings,
+        extra_first=[
+            f"# preset {preset.name}: split lists in {root}: seed {args.split_seed}, "
+            f"{args.n_train}/{args.n_val}/{args.n_test} cases, labelled = first {args.labeled_num} of the train list",
+            prepare,
+        ],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or print) the study; return 0, or 1 when the data could not be prepared or a run failed."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
+    parser, args, preset = parse_args(argv)
     raw_dir, work = Path(os.path.abspath(args.raw_dir)), Path(os.path.abspath(args.work_dir))
     root, model_dir = work / "preprocessed", work / "model"
-    settings = _settings(args, root, model_dir)
+    settings = _settings(args, preset, root, model_dir)
     try:
-        runs = reproduce.make_runs(args.methods, [args.labeled_num], args.seeds, models={"dtc": args.dtc_model})
+        runs = reproduce.make_runs(args.methods, [args.labeled_num], args.seeds, models=_models(args),
+                                   dataset=preset.dataset)
     except ValueError as err:
         parser.error(str(err))
-    preprocess_cmd = _preprocess_command(args, raw_dir, root)
-
     if args.dry_run:
-        reproduce.print_plan(
-            [] if args.prepare_only else runs,
-            settings,
-            extra_first=[
-                f"# split lists {root}/{{train,val,test}}.txt: seed {args.split_seed}, "
-                f"{args.n_train}/{args.n_val}/{args.n_test} cases, labelled = first {args.labeled_num} of train.txt",
-                reproduce.format_command(preprocess_cmd),
-            ],
-        )
+        _print_plan(args, preset, runs, settings, raw_dir, root)
         return 0
 
     started = time.time()
     log = reproduce.log
     try:
-        cases = find_cases(raw_dir)
-        names = [case.name for case in cases]
-        splits = write_split_lists(names, root, args.n_train, args.n_val, args.n_test, args.split_seed)
+        names = _case_names(preset, raw_dir)
+        splits = write_split_lists(names, root, args.n_train, args.n_val, args.n_test, args.split_seed,
+                                   preset.dataset)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     labelled = ", ".join(splits["train"][: args.labeled_num])
-    log(f"split lists in {root}: train {len(splits['train'])} (labelled {labelled}), "
+    log(f"preset {preset.name}: split lists in {root}: train {len(splits['train'])} (labelled {labelled}), "
         f"val {len(splits['val'])}, test {len(splits['test'])}")
 
-    log(f"preprocessing {len(names)} cases of {raw_dir} at {args.spacing:g} mm ...")
+    log(f"preparing {len(names)} cases of {raw_dir} at {args.spacing:g} mm ...")
     t0 = time.time()
-    code = reproduce.run_command(preprocess_cmd, work / "logs" / "preprocess_console.log")
-    preprocess_seconds = time.time() - t0
     listed = [name for split in SPLIT_NAMES for name in splits[split]]
-    missing = [name for name in listed if not (root / "data" / f"{name}.h5").is_file()]
+    try:
+        code = _prepare_cases(args, preset, raw_dir, root, work, listed)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    prepare_seconds = time.time() - t0
+    layout = DATASETS[preset.dataset]
+    missing = [name for name in listed if not layout.case_path(root, name).is_file()]
     if missing:
-        print(f"error: preprocessing (exit {code}) left {len(missing)} listed case(s) without an h5, e.g. "
-              f"{missing[0]}; see {work / 'logs' / 'preprocess_console.log'}", file=sys.stderr)
+        print(f"error: preparing the cases (exit {code}) left {len(missing)} listed case(s) without a file, e.g. "
+              f"{missing[0]}; see {work / 'logs'}", file=sys.stderr)
         return 1
     if code != 0:
         log(f"note: preprocessing exited with {code} (a case outside the split lists failed); going on")
-    shapes = _volume_shapes(root, listed)
-    log(f"preprocessing done in {preprocess_seconds:.0f} s; volume sides {shapes}")
+    shapes = _volume_shapes(root, preset.dataset, listed)
+    log(f"cases ready in {prepare_seconds:.0f} s; volume sides {shapes}")
     if args.prepare_only:
         return 0
 
     log(f"{len(runs)} runs: methods {' '.join(args.methods)}, seeds {' '.join(map(str, args.seeds))}, "
         f"{args.max_iterations} iterations, device {args.device}")
     failed = [run.name for i, run in enumerate(runs, 1) if not reproduce.execute_run(run, settings, i, len(runs))]
+    _write_results(args, preset, runs, settings, splits, shapes, raw_dir, work, started, prepare_seconds, failed)
+    if failed:
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def _write_results(args: argparse.Namespace, preset: Preset, runs: Sequence[reproduce.Run],
+                   settings: reproduce.RunSettings, splits: Mapping[str, list[str]], shapes: str, raw_dir: Path,
+                   work: Path, started: float, prepare_seconds: float, failed: Sequence[str]) -> None:
     results = reproduce.collect_results(runs, settings)
     run_seconds = sum(float(r.extra.get(k) or 0.0) for r in results for k in ("train_seconds", "test_seconds"))
     total = time.time() - started
@@ -318,35 +487,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     options["stride_xy"], options["stride_z"] = _strides(args)
     config: dict[str, Any] = {
         **options,
+        "dataset": preset.dataset,
         "raw_dir (absolute)": str(raw_dir),
         "work_dir (absolute)": str(work),
         "labelled cases": splits["train"][: args.labeled_num],
         "unlabelled cases": splits["train"][args.labeled_num :],
         "val cases": splits["val"],
         "test cases": splits["test"],
-        "preprocessed volume sides": shapes,
+        "prepared volume sides": shapes,
         "train options (all runs)": shlex.join(settings.train_args),
+        **{f"train options ({m})": shlex.join(a) for m, a in settings.method_train_args.items() if m in args.methods},
         "test options (all runs)": shlex.join(settings.test_args),
         **reproduce.environment_info(),
-        "preprocessing wall time (this invocation)": f"{preprocess_seconds:.0f} s",
+        "preparation wall time (this invocation)": f"{prepare_seconds:.0f} s",
         "train + test wall time of the tested runs (summed, all invocations)": f"{run_seconds:.0f} s",
         "total wall time (this invocation)": f"{total:.0f} s",
     }
-    title = (f"Mini-study: {len(listed)} BraTS cases of {raw_dir.name}, FLAIR, whole tumour, {args.spacing:g} mm, "
-             f"{args.labeled_num} labelled")
+    title = (f"Mini-study, preset {preset.name}: {preset.title}, {len(splits['train']) + len(splits['val']) + len(splits['test'])} "
+             f"real cases of {raw_dir.name}, {args.spacing:g} mm, {args.labeled_num} labelled")
     notes = [
         f"Split: {args.n_train} train ({args.labeled_num} labelled) / {args.n_val} val / {args.n_test} test, "
-        f"seed {args.split_seed}. CPU-sized configuration ({args.max_iterations} iterations, patch "
-        f"{'x'.join(map(str, args.patch_size))}, U-Net width / {args.feature_scale}): numbers are not comparable with "
-        "the paper's 30,000-iteration BraTS2019 runs.",
+        f"seed {args.split_seed}. CPU protocol ({args.max_iterations} iterations, patch "
+        f"{'x'.join(map(str, args.patch_size))}, width / {args.feature_scale}, scored at {args.spacing:g} mm): the "
+        "numbers are not comparable with the papers' full-size runs.",
+        "## Paired test against supervised-only\n\n" + summarise_results.format_paired_table(results),
     ]
     reproduce.write_report(work / "results.md", title, results, config, paper=None, missing=failed, notes=notes)
-    log(f"results in {work / 'results.md'} and {work / 'results.json'} ({len(results)} of {len(runs)} runs tested, "
-        f"{total:.0f} s)")
-    if failed:
-        log(f"{len(failed)} run(s) failed: {', '.join(failed)}")
-        return 1
-    return 0
+    reproduce.log(f"results in {work / 'results.md'} and {work / 'results.json'} ({len(results)} of {len(runs)} runs "
+                  f"tested, {total:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ if str(CODE_DIR) not in sys.path:  # run as a script: the package modules live i
 from utils.atomic import atomic_write_text  # noqa: E402
 
 __all__ = [
+    "PairedTest",
+    "case_metrics",
+    "format_paired_table",
+    "paired_test",
     "KNOWN_EXPS",
     "METHOD_NAMES",
     "METRICS",
@@ -347,6 +352,118 @@ def format_per_seed_table(
             cells.append("n/a" if value is None else (f"{value:.0f}" if isinstance(value, float) else str(value)))
         lines.append(_md_row(cells))
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """``method`` against ``reference`` on the same test cases and seeds: one pair per (seed, case).
+
+    Attributes:
+        differences: ``method - reference`` of the metric per pair (Dice in points), in (seed, case) order.
+        p_value: two-sided Wilcoxon signed-rank test of the differences (NaN with fewer than two non-zero ones).
+    """
+
+    method: str
+    reference: str
+    metric: str
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+    p_value: float
+
+    @property
+    def wins(self) -> int:
+        """Pairs where ``method`` is better (higher Dice/Jaccard, lower HD95/ASD)."""
+        sign = 1.0 if self.metric in _PERCENT else -1.0
+        return sum(1 for d in self.differences if sign * d > 0)
+
+
+def case_metrics(result: RunResult, metric: str = "dice") -> dict[str, float]:
+    """case -> ``metric`` of one run, read from the ``metrics.csv`` beside its ``summary.json`` (Dice and Jaccard
+    in %, as in the tables; a case without a value is left out).
+
+    Raises:
+        FileNotFoundError: if there is no ``metrics.csv`` beside the summary.
+    """
+    import csv
+
+    summary = Path(result.path)
+    path = summary.with_name("metrics.csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"per-case file {path} does not exist (written by test_3D_dt.py beside {summary.name})")
+    units = (json.loads(summary.read_text(encoding="utf-8")).get("units") or {}) if summary.is_file() else {}
+    scale = 100.0 if metric in _PERCENT and units.get(metric, "fraction") == "fraction" else 1.0
+    values = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = (row.get(metric) or "").strip().lower()
+            if text not in ("", "nan", "none", "null"):
+                values[row["case"]] = float(text) * scale
+    return values
+
+
+def paired_test(method_runs: Sequence[RunResult], reference_runs: Sequence[RunResult], metric: str = "dice") -> PairedTest:
+    """Pair the runs of two methods by seed and their test cases by name; Wilcoxon signed-rank test of the
+    differences (``scipy.stats.wilcoxon``, two-sided).
+
+    Raises:
+        ValueError: if the two share no (seed, case) pair, or a method has two runs of one seed.
+    """
+    from scipy import stats
+
+    def by_seed(runs: Sequence[RunResult]) -> dict[int, RunResult]:
+        seeds = [r.seed for r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"two runs of one seed among {seeds}")
+        return {r.seed: r for r in runs}
+
+    mine, theirs = by_seed(method_runs), by_seed(reference_runs)
+    seeds = tuple(sorted(set(mine) & set(theirs)))
+    differences = []
+    for seed in seeds:
+        a, b = case_metrics(mine[seed], metric), case_metrics(theirs[seed], metric)
+        differences += [a[case] - b[case] for case in sorted(set(a) & set(b))]
+    if not differences:
+        raise ValueError("the two methods share no (seed, test case) pair")
+    method, reference = method_runs[0].method, reference_runs[0].method
+    nonzero = [d for d in differences if d != 0.0]
+    p_value = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else math.nan
+    return PairedTest(method, reference, metric, seeds, tuple(differences), p_value)
+
+
+def format_paired_table(results: Sequence[RunResult], reference: str = "supervised", digits: int = 2) -> str:
+    """Markdown table: every method against ``reference`` at the same labelled count and checkpoint
+    (``extra["checkpoint"]``): mean ± std of the per-pair Dice difference, pairs won, the Wilcoxon p-value and the
+    mean training minutes per run of the method and of the reference."""
+    groups: dict[tuple[int, str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.labeled_num, str(r.extra.get("checkpoint", "best-val")), r.method), []).append(r)
+    order = list(METHOD_NAMES)
+    header = ["Method", "vs", "Labelled", "Checkpoint", "Seeds", "Pairs", "Dice difference (points)", "Better in",
+              "Wilcoxon p", "train min / run", "vs train min / run"]
+    lines = [_md_row(header), _md_row(["---"] * 4 + ["---:"] * (len(header) - 4))]
+    for (labeled, checkpoint, method), runs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][2]) if kv[0][2] in order else len(order),
+                                            kv[0][1])):
+        ref_runs = groups.get((labeled, checkpoint, reference))
+        if method == reference or not ref_runs:
+            continue
+        test = paired_test(runs, ref_runs)
+        diffs = test.differences
+        spread = statistics.stdev(diffs) if len(diffs) >= 2 else math.nan
+        minutes = [_train_minutes(groups.get((labeled, "best-val", m), [])) for m in (method, reference)]
+        lines.append(_md_row([
+            METHOD_NAMES.get(method, method), METHOD_NAMES.get(reference, reference), str(labeled), checkpoint,
+            " ".join(map(str, test.seeds)), str(len(diffs)),
+            _mean_std(statistics.fmean(diffs), spread, digits, 1, 1),
+            f"{test.wins}/{len(diffs)}", "n/a" if math.isnan(test.p_value) else f"{test.p_value:.3g}",
+            *minutes,
+        ]))
+    return "\n".join(lines) + "\n"
+
+
+def _train_minutes(runs: Sequence[RunResult]) -> str:
+    seconds = [float(r.extra["train_seconds"]) for r in runs if r.extra.get("train_seconds") is not None]
+    return f"{statistics.fmean(seconds) / 60:.1f}" if seconds else "n/a"
 
 
 def format_config(config: Mapping[str, Any]) -> str:

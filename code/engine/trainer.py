@@ -63,7 +63,7 @@ from engine.run_state import (
 from engine.validation import validate
 from methods import METHODS
 from methods.base import Method
-from networks.net_factory_3d import net_factory_3d
+from networks.net_factory_3d import net_factory_3d, width_kwargs
 from networks.outputs import segmentation_logits
 from speed import CompileError, TrainingSpeed, prepare_training
 from utils.atomic import atomic_torch_save, atomic_write_text
@@ -146,9 +146,9 @@ def _check_channels(cfg: TrainConfig, first_case: Path) -> None:
 
 
 def build_network(cfg: TrainConfig) -> nn.Module:
-    """The student network named by ``cfg.model`` (``feature_scale`` applies to the U-Nets)."""
-    kwargs: dict[str, Any] = {"feature_scale": cfg.feature_scale} if str(cfg.model).startswith("unet") else {}
+    """The student network named by ``cfg.model``, ``cfg.feature_scale`` times narrower than 64 channels."""
     try:
+        kwargs = width_kwargs(str(cfg.model), cfg.feature_scale)
         return net_factory_3d(str(cfg.model), in_chns=cfg.in_channels, class_num=cfg.num_classes, **kwargs)
     except ValueError as err:
         raise TrainingError(str(err)) from err

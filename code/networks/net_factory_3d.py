@@ -13,7 +13,7 @@ from networks.mcnet import MCNet3d_v2
 from networks.unet_3D import unet_3D, unet_3D_ds, unet_3D_dt
 from networks.vnet import VNet, VNet_dt
 
-__all__ = ["net_factory_3d", "NETWORKS_3D"]
+__all__ = ["net_factory_3d", "NETWORKS_3D", "width_kwargs"]
 
 
 def _vnet(in_chns: int, class_num: int, **kwargs: Any) -> nn.Module:
@@ -42,6 +42,22 @@ NETWORKS_3D: dict[str, Callable[..., nn.Module]] = {
 }
 """Name -> builder ``(in_chns, class_num, **kwargs) -> nn.Module``. ``unet_3D_dv_semi`` is SSL4MIS's name for
 ``unet_3D_ds``."""
+
+
+def width_kwargs(net_type: str, feature_scale: int = 4) -> dict[str, int]:
+    """The constructor keyword that sets the width of ``net_type`` from the one ``--feature_scale`` divisor.
+
+    The U-Nets take it as is (first stage ``64 // feature_scale`` channels); the V-Nets and MC-Net+ get
+    ``n_filters = 64 // feature_scale``, so the default 4 gives their published 16 and 8 halves them.
+
+    Raises:
+        ValueError: if ``feature_scale`` is not in 1..64.
+    """
+    if not 1 <= feature_scale <= 64:
+        raise ValueError(f"feature_scale must be in 1..64, got {feature_scale}")
+    if net_type.startswith("unet"):
+        return {"feature_scale": feature_scale}
+    return {"n_filters": 64 // feature_scale}
 
 
 def net_factory_3d(net_type: str = "unet_3D", in_chns: int = 1, class_num: int = 2, **kwargs: Any) -> nn.Module:

@@ -29,6 +29,8 @@ from dataloaders.preprocess import (
     process_case_to_h5,
     read_case_h5,
     read_h5_attrs,
+    resample_case_file,
+    resample_labels,
     restore_to_original,
     split_sizes,
     write_case_h5,
@@ -682,3 +684,33 @@ def test_real_case_with_four_modalities_regions_and_zyx(real_data_dir):
     image, label, attrs = preprocess_case(case, ("flair", "t1", "t1ce", "t2"), "regions", axis_order="zyx")
     assert image.shape[0] == 4 and label.shape[0] == 3 and image.shape[1:] == label.shape[1:]
     _check_real_case(case, image, label, attrs)
+
+
+def test_resample_labels_keeps_each_coarse_voxel_the_class_that_covers_most_of_it():
+    label = np.zeros((4, 4, 4), dtype=np.uint8)
+    label[:2, :2, :2] = 1  # fills the first coarse voxel
+    label[2:, 2:, 2:] = 2
+    label[2, 2, 2] = 0  # 7 of 8 fine voxels are still class 2
+    label[0, 3, 3] = 1  # 1 of 8: outvoted by the background
+    expected = np.zeros((2, 2, 2), dtype=np.uint8)
+    expected[0, 0, 0], expected[1, 1, 1] = 1, 2
+    np.testing.assert_array_equal(resample_labels(label, (2, 2, 2)), expected)
+
+
+def test_resample_case_file_halves_the_grid_and_records_the_spacing(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(20, 16, 12)).astype(np.float32)
+    label = np.zeros((20, 16, 12), dtype=np.uint8)
+    label[4:12, 4:12, 2:10] = 1
+    src = write_case_h5(tmp_path / "src.h5", image, label, {"source": "test"})
+    shape = resample_case_file(src, tmp_path / "out" / "dst.h5", 0.625, 1.25)
+    out_image, out_label, attrs = read_case_h5(tmp_path / "out" / "dst.h5")
+    assert shape == out_image.shape == out_label.shape == (10, 8, 6)
+    np.testing.assert_allclose(attrs["spacing"], [1.25] * 3)
+    assert attrs["source"] == "test" and attrs["resampled_from_mm"] == 0.625
+    assert out_label.sum() == 4 * 4 * 4  # the 8^3 block is exactly 4^3 coarse voxels
+    assert abs(float(out_image.mean()) - float(image.mean())) < 0.05
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(CaseError, match="bad.h5: not a readable case file"):
+        resample_case_file(tmp_path / "bad.h5", tmp_path / "out" / "bad.h5", 0.625, 1.25)
+    assert not (tmp_path / "out" / "bad.h5").exists()

@@ -155,6 +155,24 @@ def test_defaults_follow_the_patch_and_the_method_and_the_log_says_so(tiny_root:
     assert "chosen: --stride_xy 21 (two thirds of the patch)" in log
 
 
+def test_feature_scale_narrows_a_vnet_and_the_checkpoint_tests_at_that_width(tiny_root: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(CODE))
+    import test_3D_dt
+
+    cfg = tiny_config(tiny_root, model="vnet_dt", feature_scale=16, max_iterations=1, val_interval=1)
+    summary = train(cfg, model_dir=tmp_path, progress=False)
+    weights = Path(summary["out_dir"]) / "vnet_dt_best_model.pth"
+    state = torch.load(weights, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    first = next(v for k, v in state.items() if k.endswith("weight") and v.ndim == 5)
+    assert first.shape[0] == 4  # 64 // 16 first-stage filters instead of the published 16
+    args = ["--root_path", str(tiny_root), "--model", "vnet_dt", "--checkpoint", str(weights), "--feature_scale", "16",
+            "--patch_size", "32", "32", "32", "--stride_xy", "16", "--stride_z", "16", "--out_dir",
+            str(tmp_path / "test"), "--no_save", "--no_progress", "--device", "cpu"]
+    assert test_3D_dt.main(args) == 0
+    assert json.loads((tmp_path / "test" / "summary.json").read_text())["n_cases"] >= 1
+
+
 def test_resume_with_options_that_do_not_fit_the_checkpoint_names_them_and_writes_nothing(
     tiny_root: Path, tmp_path: Path
 ) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from networks.net_factory_3d import NETWORKS_3D, net_factory_3d
+from networks.net_factory_3d import NETWORKS_3D, net_factory_3d, width_kwargs
 from networks.unet_3D import unet_3D, unet_3D_ds, unet_3D_dt
 from networks.vnet import VNet, VNet_dt
 
@@ -57,3 +57,21 @@ def test_unknown_name_raises_value_error_listing_valid_names():
 def test_argument_of_another_network_raises_type_error():
     with pytest.raises(TypeError, match="feature_scale"):
         net_factory_3d("vnet", feature_scale=8)
+
+
+@pytest.mark.parametrize("net_type", ["vnet", "vnet_dt", "mcnet3d_v2"])
+def test_one_width_divisor_sets_the_vnets_first_stage_filters(net_type):
+    assert width_kwargs(net_type, 4) == {"n_filters": 16}  # the published V-Net
+    half = net_factory_3d(net_type, **width_kwargs(net_type, 8))
+    full = net_factory_3d(net_type, **width_kwargs(net_type, 4))
+    first = [m for m in half.modules() if isinstance(m, torch.nn.Conv3d)][0]
+    assert first.out_channels == 8
+    n_half, n_full = (sum(p.numel() for p in n.parameters()) for n in (half, full))
+    assert 3.5 < n_full / n_half < 4.1  # convolutions dominate: about four times fewer weights at half width
+
+
+def test_width_divisor_is_passed_as_is_to_the_unets_and_checked():
+    assert width_kwargs("unet_3D_dt", 8) == {"feature_scale": 8}
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="feature_scale must be in 1..64"):
+            width_kwargs("vnet", bad)

@@ -1,34 +1,28 @@
 """Tests of scripts/reproduce_brats2019.py (BraTS2019 and ``--dataset la``), scripts/reproduce_la.sh,
-scripts/mini_study.py and scripts/summarise_results.py.
+scripts/summarise_results.py.
 
 The printed commands are checked by parsing them with the entry scripts' own parsers (so they are runnable), the
-table against hand-computed means and sample standard deviations, and the whole mini-study once end to end on tiny
-synthetic raw cases.
+table against hand-computed means and sample standard deviations (the mini-study: tests/scripts/test_mini_study.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import test_3D_dt
 import train_UGMCL_3D
-from dataloaders.preprocess import make_splits
-from make_synthetic_brats import case_name, make_case, write_case
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS_DIR))
 
-import mini_study  # noqa: E402
 import reproduce_brats2019  # noqa: E402
 import summarise_results  # noqa: E402
 
@@ -334,92 +328,3 @@ def test_report_collects_both_checkpoints_of_each_run_and_says_which_is_which(tm
         ("supervised", "best-val"), ("supervised", "last"), ("ugmcl", "best-val"), ("ugmcl", "last")]
     assert "| UG-MCL | 16 | 1 |" in text.split("## Per seed")[1]  # per-seed rows, checkpoint as a column
     assert text.split("## Per seed")[1].count("| best-val |") == 4
-
-
-NAMES = [f"Brats18_CASE_{i:03d}_1" for i in range(32)]
-
-
-def test_split_writer_gives_24_2_6_disjoint_seeded_lists_labelled_first(tmp_path):
-    splits = mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=3)
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [24, 2, 6]
-    every = splits["train"] + splits["val"] + splits["test"]
-    assert sorted(every) == sorted(NAMES)  # disjoint and complete
-    assert mini_study.seeded_split(list(reversed(NAMES)), 24, 2, 6, seed=3) == splits  # order of discovery irrelevant
-    assert mini_study.seeded_split(NAMES, 24, 2, 6, seed=4) != splits
-    train_lines = (tmp_path / "train.txt").read_text().splitlines()
-    assert train_lines == splits["train"]
-    labelled = train_lines[:4]
-    # the trainer's labelled cases are the first 4 lines; preprocess_brats2019 keeps the lists already there
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in NAMES:
-        (data / f"{name}.h5").touch()
-    assert make_splits(NAMES, seed=999, out_dir=tmp_path)["train"][:4] == labelled
-
-
-def test_split_writer_accepts_its_own_lists_and_refuses_different_ones(tmp_path):
-    first = mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=1)
-    assert mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=1) == first
-    with pytest.raises(ValueError, match="differ from the seeded split"):
-        mini_study.write_split_lists(NAMES, tmp_path, 24, 2, 6, seed=2)
-    with pytest.raises(ValueError, match="exceed the 32 cases"):
-        mini_study.seeded_split(NAMES, 30, 2, 6, seed=1)
-
-
-def test_mini_study_dry_run_prints_preprocessing_and_one_run_per_method_and_seed(capsys, tmp_path):
-    code = mini_study.main(["--dry-run", "--raw_dir", str(tmp_path / "raw"), "--work_dir", str(tmp_path / "w"),
-                            "--dtc_model", "vnet_dt", "--seeds", "1", "2", "3"])
-    assert code == 0
-    cmds = _commands(capsys.readouterr().out)
-    assert cmds[0][0] == "preprocess_brats2019.py"
-    assert cmds[0][cmds[0].index("--spacing") + 1] == "2"
-    parsed = [_parse_train(c) for c in cmds[1:] if c[0] != "test_3D_dt.py"]
-    tests = [test_3D_dt.build_parser().parse_args(c[1:]) for c in cmds[1:] if c[0] == "test_3D_dt.py"]
-    assert sorted({m for m, _ in parsed}) == ["dtc", "supervised", "uamt", "ugmcl"]
-    assert len(parsed) == 4 * 3 and len(tests) == 2 * 4 * 3  # best-val and last of every run
-    _check_both_checkpoints_tested(_parse_tests(cmds[1:]), tmp_path / "w" / "model", "brats2019")
-    assert len({f"{a.exp}_{a.labeled_num}" for _, a in parsed}) == 12
-    for method, args in parsed:
-        assert (args.patch_size, args.labeled_num, args.max_iterations, args.device) == ([32, 32, 32], 4, 300, "cpu")
-        assert args.root_path == str(tmp_path / "w" / "preprocessed")
-        assert args.model == ("vnet_dt" if method == "dtc" else "unet_3D_dt")
-        assert args.consistency_rampup == 300  # ramp rescaled to the short run
-    assert all(t.patch_size == [32, 32, 32] and t.feature_scale == 8 for t in tests)
-
-
-def test_mini_study_reports_a_missing_raw_folder(tmp_path, capsys):
-    assert mini_study.main(["--raw_dir", str(tmp_path / "nope"), "--work_dir", str(tmp_path / "w")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-
-
-@pytest.mark.slow  # 5 subprocesses (preprocess, 2 x train + test): 14 s on an idle 2-core machine, 40+ s when shared
-def test_mini_study_runs_end_to_end_on_synthetic_cases_and_then_skips_the_finished_runs(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "raw"
-    for i in range(8):
-        write_case(raw, case_name(i + 1), make_case((48, 48, 40), rng))
-    argv = ["--raw_dir", str(raw), "--work_dir", str(tmp_path / "w"), "--methods", "supervised", "ugmcl",
-            "--seeds", "1", "--max_iterations", "2", "--patch_size", "32", "32", "32", "--feature_scale", "16",
-            "--mc_passes", "2", "--val_interval", "2", "--spacing", "1",
-            "--n_train", "4", "--n_val", "2", "--n_test", "2", "--labeled_num", "2"]
-    assert mini_study.main(argv) == 0
-    report = (tmp_path / "w" / "results.md").read_text(encoding="utf-8")
-    for name in ("Supervised only", "UG-MCL"):
-        assert f"| {name} | 2 | 1 | best-val |" in report and f"| {name} | 2 | 1 | last |" in report
-    assert "torch" in report and "total wall time" in report and "never on the test set" in report
-    results = json.loads((tmp_path / "w" / "results.json").read_text(encoding="utf-8"))
-    assert sorted((r["method"], r["checkpoint"]) for r in results["runs"]) == [
-        ("supervised", "best-val"), ("supervised", "last"), ("ugmcl", "best-val"), ("ugmcl", "last")]
-    for run in results["runs"]:
-        assert 0.0 <= run["metrics"]["dice"] <= 100.0 and run["n_cases"] == 2
-        assert not math.isnan(run["extra"]["test_seconds"])
-        if run["checkpoint"] == "best-val":  # the training's time once per run
-            assert not math.isnan(run["extra"]["train_seconds"])
-        assert run["path"].endswith("_predictions/summary.json" if run["checkpoint"] == "best-val"
-                                    else "_predictions_last/summary.json")
-    assert len((tmp_path / "w" / "preprocessed" / "test.txt").read_text().split()) == 2
-
-    capsys.readouterr()
-    assert mini_study.main([*argv, "--dry-run"]) == 0  # resumable: both runs done, only skip notes remain
-    out = capsys.readouterr().out
-    assert out.count("# skip BraTs2019_") == 2 and "train_" not in out and "test_3D_dt.py" not in out
