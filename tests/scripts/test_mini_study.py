@@ -100,14 +100,15 @@ def test_brats_preset_prints_preprocessing_and_a_run_per_method_and_seed_with_on
 
 def test_la_preset_trains_and_tests_on_the_resampled_la_tree(capsys, tmp_path):
     cmds = _dry_run(capsys, tmp_path, "--preset", "la", "--seeds", "7")
-    assert f"# resample {mini_study.SHARED_DATA / 'la2018_samples'} (0.625 mm) to 1.25 mm" in capsys.readouterr().out
+    assert f"# resample {mini_study.SHARED_DATA / 'la2018_samples'} (0.625 mm) to 1.875 mm" in capsys.readouterr().out
     parsed = [_parse_train(c) for c in cmds if c[0] != "test_3D_dt.py"]
     tests = [test_3D_dt.build_parser().parse_args(c[1:]) for c in cmds if c[0] == "test_3D_dt.py"]
     assert sorted(m for m, _ in parsed) == ["supervised", "ugmcl"] and len(tests) == 4
     for _, args in parsed:
-        assert (args.dataset, args.patch_size, args.seed, args.model) == ("la", [64, 64, 32], 7, "vnet_dt")
+        assert (args.dataset, args.patch_size, args.seed, args.model) == ("la", [48, 48, 32], 7, "vnet_dt")
+        assert (args.base_lr, args.max_iterations) == (0.02, 1000)
     assert all(t.dataset == "la" and t.split == "test" and t.feature_scale == 8 for t in tests)
-    assert all((t.stride_xy, t.stride_z) == (32, 16) for t in tests)
+    assert all((t.stride_xy, t.stride_z) == (24, 16) for t in tests)
 
 
 def test_an_option_given_overrides_the_presets_value(capsys, tmp_path):
