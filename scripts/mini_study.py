@@ -4,6 +4,7 @@
     python scripts/mini_study.py --preset la                 # the Left Atrium protocol (32 cases of ../shared)
     python scripts/mini_study.py --preset la --dry-run       # print the commands, run nothing
     python scripts/mini_study.py --preset brats --resume     # continue a study that was cut off
+    python scripts/mini_study.py --preset brats --jobs 2     # two runs at a time, one thread each (2 cores)
 
 A preset (:data:`PRESETS`) names a dataset, its raw folder and every option of the protocol; any option given on
 the command line overrides the preset's value (``--seeds 1``, ``--methods supervised ugmcl`` ...). Steps, all
@@ -40,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,8 @@ def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
                    help="BCP: share of the iterations spent in copy-paste pre-training")
     g.add_argument("--device", default="cpu", help="cpu, auto, cuda ...")
     g.add_argument("--amp", action="store_true", help="mixed precision")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with cores / jobs threads")
     g.add_argument("--num_workers", type=int, default=1, help="data-loader workers per training")
     g.add_argument("--train_args", default="", help="extra options for every training, one shell-quoted string")
     g.add_argument("--test_args", default="", help="extra options for every test, one shell-quoted string")
@@ -319,6 +323,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.spacing <= 0:
         parser.error(f"--spacing must be > 0 mm, got {args.spacing}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if not 0.0 <= args.bcp_pretrain_fraction < 1.0:
         parser.error(f"--bcp_pretrain_fraction must be in [0, 1), got {args.bcp_pretrain_fraction}")
 
@@ -475,12 +481,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log(f"{len(runs)} runs: methods {' '.join(args.methods)}, seeds {' '.join(map(str, args.seeds))}, "
         f"{args.max_iterations} iterations, device {args.device}")
-    failed = [run.name for i, run in enumerate(runs, 1) if not reproduce.execute_run(run, settings, i, len(runs))]
+    failed = _execute_runs(runs, settings, args.jobs)
     _write_results(args, preset, runs, settings, splits, shapes, raw_dir, work, started, prepare_seconds, failed)
     if failed:
         log(f"{len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
     return 0
+
+
+def _execute_runs(runs: Sequence[reproduce.Run], settings: reproduce.RunSettings, jobs: int) -> list[str]:
+    """Train and test every run, ``jobs`` at a time; return the names of those that failed.
+
+    With several jobs and no ``OMP_NUM_THREADS`` set, each run gets ``cores // jobs`` threads (spinning OpenMP
+    threads of concurrent runs on the same cores slow all of them many times).
+    """
+    def execute(item: tuple[int, reproduce.Run]) -> bool:
+        return reproduce.execute_run(item[1], settings, item[0], len(runs))
+
+    set_threads = jobs > 1 and "OMP_NUM_THREADS" not in os.environ
+    if set_threads:  # read by the run processes only (this one's torch has started)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            done = list(pool.map(execute, enumerate(runs, 1)))
+    finally:
+        if set_threads:
+            del os.environ["OMP_NUM_THREADS"]
+    return [run.name for run, ok in zip(runs, done) if not ok]
 
 
 def _write_results(args: argparse.Namespace, preset: Preset, runs: Sequence[reproduce.Run],

@@ -219,16 +219,17 @@ def test_brats_preset_runs_end_to_end_on_synthetic_cases_and_then_skips_the_fini
     assert out.count("# skip BraTs2019_") == 2 and "train_" not in out and "test_3D_dt.py" not in out
 
 
-@pytest.mark.slow  # 2 trainings and 4 tests on tiny resampled LA cases
+@pytest.mark.slow  # 2 trainings (at once) and 4 tests on tiny resampled LA cases
 def test_la_preset_runs_end_to_end_on_a_synthetic_la_tree(tmp_path):
     _write_la_tree(tmp_path / "raw", 8, shape=(64, 64, 64))
     argv = ["--preset", "la", "--raw_dir", str(tmp_path / "raw"), "--work_dir", str(tmp_path / "w"),
             "--seeds", "1", "--max_iterations", "2", "--patch_size", "32", "32", "32", "--feature_scale", "16",
             "--mc_passes", "2", "--val_interval", "2", "--n_train", "4", "--n_val", "2", "--n_test", "2",
-            "--labeled_num", "2"]
+            "--labeled_num", "2", "--jobs", "2"]
     assert mini_study.main(argv) == 0
     report = (tmp_path / "w" / "results.md").read_text(encoding="utf-8")
     assert "| UG-MCL | 2 | 1 | best-val |" in report and "preset la" in report
+    assert "| Supervised only | 2 | 1 | last |" in report  # both runs, trained at the same time
     summary = json.loads(next((tmp_path / "w" / "model").glob("LA_UGMCL_seed1_2/*_predictions/summary.json"))
                          .read_text(encoding="utf-8"))
     assert summary["n_cases"] == 2
