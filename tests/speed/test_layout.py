@@ -72,7 +72,9 @@ def test_channels_last_network_computes_what_the_plain_one_does_with_contiguous_
     torch.testing.assert_close(dis, plain_dis, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
     for got, expected in zip(grads, plain_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+        # float32 sums over 2 x 32^3 voxels in another order (up to 0.4 % of the largest entry on AVX2; a bias before
+        # InstanceNorm has a zero gradient plus rounding): the float64 test below is the exact check
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-2 * float(expected.abs().max()) + 1e-6)
 
 
 def test_channels_last_network_in_float64_computes_what_the_plain_one_does():
