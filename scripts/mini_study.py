@@ -60,12 +60,16 @@ from dataloaders.preprocess import find_cases, is_valid_h5, read_h5_attrs, resam
 from utils.atomic import atomic_write_text  # noqa: E402
 
 __all__ = [
+    "FIXED_NETWORKS",
+    "LA_SOURCE_MM",
     "PRESETS",
     "Preset",
+    "SHARED_DATA",
     "SPLIT_NAMES",
     "build_parser",
     "find_h5_cases",
     "main",
+    "parse_args",
     "prepare_resampled",
     "read_split_lists",
     "seeded_split",
