@@ -550,8 +550,8 @@ def _write_results(args: argparse.Namespace, preset: Preset, runs: Sequence[repr
         "## Paired test against supervised-only\n\n" + summarise_results.format_paired_table(results),
     ]
     reproduce.write_report(work / "results.md", title, results, config, paper=None, missing=failed, notes=notes)
-    reproduce.log(f"results in {work / 'results.md'} and {work / 'results.json'} ({len(results)} of {len(runs)} runs "
-                  f"tested, {total:.0f} s)")
+    reproduce.log(f"results in {work / 'results.md'} and {work / 'results.json'} ({len(results)} tests of {len(runs)} "
+                  f"runs, {total:.0f} s)")
 
 
 if __name__ == "__main__":
