@@ -355,7 +355,6 @@ def _settings(args: argparse.Namespace, preset: Preset, root: Path, model_dir: P
         "--num_workers", str(args.num_workers),
         "--val_interval", str(args.val_interval), "--save_interval", str(args.val_interval),
         "--stride_xy", stride_xy, "--stride_z", stride_z,
-        "--base_lr", f"{args.base_lr:g}", "--lr_schedule", args.lr_schedule,
     ]
     if args.scale_rampup:
         train += ["--consistency_interval", "1", "--consistency_rampup", str(args.max_iterations)]
@@ -376,6 +375,7 @@ def _settings(args: argparse.Namespace, preset: Preset, root: Path, model_dir: P
         train_args=(*train, *shlex.split(args.train_args)),
         test_args=(*test, *shlex.split(args.test_args)),
         method_train_args=method_args,
+        optimiser=(args.base_lr, args.lr_schedule),
     )
 
 

@@ -337,6 +337,8 @@ class RunSettings:
         train_args: further options for every training command (after the generated ones, so they win).
         test_args: further options for every test command.
         method_train_args: method -> further training options for that method only.
+        optimiser: ``(lr, schedule)`` of every method, UG-MCL included (a study that compares methods at one
+            optimiser); None: UG-MCL's published one and ``baseline_*`` for the others.
     """
 
     root_path: Path
@@ -353,11 +355,14 @@ class RunSettings:
     train_args: tuple[str, ...] = ()
     test_args: tuple[str, ...] = ()
     method_train_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    optimiser: tuple[float, str] | None = None
 
 
 def train_command(run: Run, s: RunSettings, resume: bool = False) -> list[str]:
     """``[script, options...]`` of the training (run it from ``code/``)."""
-    if run.method == "ugmcl":
+    if s.optimiser is not None:
+        lr, schedule = s.optimiser
+    elif run.method == "ugmcl":
         lr, schedule = ugmcl_optimiser(s.dataset)
     else:
         lr = s.baseline_lr

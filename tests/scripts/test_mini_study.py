@@ -84,6 +84,7 @@ def test_brats_preset_prints_preprocessing_and_a_run_per_method_and_seed_with_on
     assert cmds[0][0] == "preprocess_brats2019.py"
     assert cmds[0][cmds[0].index("--spacing") + 1] == "3"
     parsed = [_parse_train(c) for c in cmds[1:] if c[0] != "test_3D_dt.py"]
+    assert all(c.count("--base_lr") == c.count("--lr_schedule") == 1 for c in cmds[1:] if c[0] != "test_3D_dt.py")
     assert sorted(m for m, _ in parsed) == ["bcp"] * 3 + ["mcnet_plus"] * 3 + ["supervised"] * 3 + ["ugmcl"] * 3
     _check_both_checkpoints_tested(_parse_tests(cmds[1:]), tmp_path / "w" / "model", "brats2019")
     for method, args in parsed:
