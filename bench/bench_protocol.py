@@ -46,28 +46,10 @@ sys.path.insert(0, str(REPO / "bench"))
 CONFIGS = ("released", "fast")
 
 
-def protocol_batch(patch: tuple[int, int, int], batch_size: int, labeled_bs: int) -> Any:
-    """A fixed batch of ``patch``-sized rows: noise images, a bright ball labelled in each labelled row."""
-    import torch
-
-    from methods.base import Batch
-
-    g = torch.Generator().manual_seed(2024)
-    image = torch.randn(batch_size, 1, *patch, generator=g)
-    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in patch), indexing="ij"))
-    label = torch.zeros(batch_size, *patch, dtype=torch.long)
-    sides = torch.tensor(patch, dtype=torch.float32).view(3, 1, 1, 1)
-    for i in range(labeled_bs):
-        centre = (torch.rand(3, 1, 1, 1, generator=g) * 0.5 + 0.25) * sides
-        label[i] = ((((grid - centre) / sides) ** 2).sum(0) < 1 / 16).long()
-        image[i] += 2.0 * label[i]
-    return Batch(image, label, labeled_bs)
-
-
 def worker(args: argparse.Namespace, method_name: str, config: str) -> dict[str, Any]:
     """Run ``config`` of ``method_name`` in this process; return its timings, memory and losses."""
     import torch
-    from bench_train import run_iteration
+    from bench_train import fixed_batch, run_iteration
     from mini_study import FIXED_NETWORKS, PRESETS
 
     import speed
@@ -95,7 +77,7 @@ def worker(args: argparse.Namespace, method_name: str, config: str) -> dict[str,
     student.train()
     method = METHODS[method_name](student, cfg, passes=training.passes)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    batch = protocol_batch(patch, cfg.batch_size, cfg.labeled_bs)
+    batch = fixed_batch(patch, cfg.batch_size, cfg.labeled_bs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses, wall, cpu = [], [], []
     for step in range(args.warmup + args.iters):

@@ -84,22 +84,29 @@ ALIASES = {"all": "+malloc"}
 NOT_BY_DEFAULT = ("+bf16", "+cudnn_benchmark", "+thp_teacher", "+thp_malloc")
 
 
-def _batch(args: argparse.Namespace, device: Any) -> Any:
-    """A fixed batch: smooth-ish noise images, ball-shaped labels in the labelled rows."""
+def fixed_batch(patch: tuple[int, int, int], batch_size: int, labeled_bs: int, device: Any = "cpu") -> Any:
+    """A fixed batch of ``patch``-sized rows: noise images, an ellipsoid (a ball in a cubic patch) of a quarter
+    of each side's radius labelled and brightened in each labelled row."""
     import torch
 
     from methods.base import Batch
 
     g = torch.Generator().manual_seed(2024)
-    p = args.patch
-    image = torch.randn(args.batch, 1, p, p, p, generator=g)
-    grid = torch.stack(torch.meshgrid(*(torch.arange(p, dtype=torch.float32),) * 3, indexing="ij"))
-    label = torch.zeros(args.batch, p, p, p, dtype=torch.long)
-    for i in range(args.labeled_bs):
-        centre = (torch.rand(3, generator=g) * 0.5 + 0.25) * p
-        label[i] = (((grid - centre.view(3, 1, 1, 1)) ** 2).sum(0) < (p / 4) ** 2).long()
+    image = torch.randn(batch_size, 1, *patch, generator=g)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in patch), indexing="ij"))
+    label = torch.zeros(batch_size, *patch, dtype=torch.long)
+    sides = torch.tensor(patch, dtype=torch.float32)
+    squash = ((sides[0] / sides) ** 2).view(3, 1, 1, 1)  # all ones for a cubic patch
+    for i in range(labeled_bs):
+        centre = (torch.rand(3, generator=g) * 0.5 + 0.25) * sides
+        label[i] = ((((grid - centre.view(3, 1, 1, 1)) ** 2) * squash).sum(0) < (sides[0] / 4) ** 2).long()
         image[i] += 2.0 * label[i]
-    return Batch(image.to(device), label.to(device), args.labeled_bs)
+    return Batch(image.to(device), label.to(device), labeled_bs)
+
+
+def _batch(args: argparse.Namespace, device: Any) -> Any:
+    """:func:`fixed_batch` of the cubic ``--patch``, ``--batch`` and ``--labeled_bs``."""
+    return fixed_batch((args.patch,) * 3, args.batch, args.labeled_bs, device)
 
 
 def run_iteration(method: Any, optimizer: Any, scaler: Any, batch: Any, step: int, device_type: str,
